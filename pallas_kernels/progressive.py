@@ -1,0 +1,225 @@
+"""Progressive decode attention over a paged KV cache: one loop for dense, top-k and PSA.
+
+A program owns one (sequence, KV head). It walks the sequence's blocks in a given order, `chunk_blocks` per
+iteration, folds each chunk into an online softmax, and stops on its own:
+  * after `limit` blocks (dense: all blocks; top-k: forced + k; PSA: max_blocks), or
+  * (PSA only) once every query head of the group has gathered `tau` of its estimated total mass, and the forced
+    sink/local blocks are in.
+The loop body is written once, over "loaders", so that the Pallas kernel (refs) and the XLA path (arrays, under
+vmap) run the same arithmetic. The oracle in `reference.py` computes the same thing without a loop.
+
+Shapes: B batch, H kv heads, Gp query heads per kv head padded, D head_dim, P pages, S block_size,
+M blocks per sequence (padded to a multiple of chunk_blocks).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+# Finite stand-in for -inf: keeps exp(m_old - m_new) finite when a running max has seen no token yet.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# Fields of the per-sequence int info vector.
+LENGTH, LIMIT, N_FORCED = 0, 1, 2
+INFO_WIDTH = 4  # power of two for the Triton lowering
+
+
+def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b.T accumulated in float32 (exact float32 products when the inputs are float32)."""
+  precision = lax.Precision.HIGHEST if b.dtype == jnp.float32 else None
+  return jnp.dot(a.astype(b.dtype), b.T, preferred_element_type=jnp.float32, precision=precision)
+
+
+def progressive_loop(
+    q: jax.Array,  # [Gp, D]
+    length: jax.Array,  # [] tokens in the sequence
+    limit: jax.Array,  # [] most blocks to visit
+    n_forced: jax.Array,  # [] blocks visited before the stopping rule may fire
+    tau: jax.Array,  # [] float32
+    *,
+    load_order: Callable[[jax.Array], jax.Array],  # start -> [C] logical block ids
+    load_pages: Callable[[jax.Array], jax.Array],  # [C] logical -> [C] physical pages
+    load_kv: Callable[[jax.Array], tuple[jax.Array, jax.Array]],  # [C] pages -> 2 x [C, S, D]
+    load_log_remaining: Callable[[jax.Array], jax.Array] | None,  # i -> [Gp]
+    group: int,
+    block_size: int,
+    chunk_blocks: int,
+    num_order_slots: int,
+    sm_scale: float,
+    estimator: str | None,  # None: no early stop (dense, top-k)
+) -> tuple[jax.Array, jax.Array]:
+  """Returns the normalized output [Gp, D] (float32) and the number of blocks visited []."""
+  gp, d = q.shape
+  c, s = chunk_blocks, block_size
+  head_ok = jnp.arange(gp) < group
+  n_valid = (length + s - 1) // s
+
+  def body(carry):
+    i, o, m, l, _, _ = carry
+    start = i * c
+    in_budget = start + jnp.arange(c) < limit
+    logical = jnp.where(in_budget, load_order(start), 0)
+    pages = jnp.where(in_budget, load_pages(logical), 0)
+    k, v = load_kv(pages)
+    k = k.reshape(c * s, d)
+    v = v.reshape(c * s, d)
+    token = logical[:, None] * s + jnp.arange(s)[None, :]
+    token_ok = (in_budget[:, None] & (token < length)).reshape(1, c * s)
+
+    logits = jnp.where(token_ok, _dot_t(q, k) * sm_scale, MASK_VALUE)  # [Gp, C*S]
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+    correction = jnp.exp(m - m_new)
+    p = jnp.where(token_ok, jnp.exp(logits - m_new[:, None]), 0.0)
+    chunk_mass = jnp.sum(p, axis=-1)
+    l_new = l * correction + chunk_mass
+    precision = lax.Precision.HIGHEST if v.dtype == jnp.float32 else None
+    o_new = o * correction[:, None] + jnp.dot(
+        p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision)
+
+    visited = jnp.minimum(start + c, limit)
+    done = visited >= limit
+    if estimator is not None:
+      if estimator == "score_mass":
+        # gathered >= tau * (gathered + remaining), in logs: the true gathered mass is l * exp(m).
+        log_rem = load_log_remaining(jnp.minimum(visited, num_order_slots - 1))
+        enough = jnp.log(l_new) + m_new + jnp.log1p(-tau) >= jnp.log(tau) + log_rem
+      elif estimator == "last_chunk":
+        blocks_in_chunk = (visited - start).astype(jnp.float32)
+        blocks_left = (n_valid - visited).astype(jnp.float32)
+        enough = l_new * (1.0 - tau) * blocks_in_chunk >= tau * chunk_mass * blocks_left
+      else:
+        raise ValueError(f"unknown estimator {estimator!r}")
+      all_enough = jnp.min(jnp.where(enough | ~head_ok, 1, 0)) > 0
+      done = done | ((tau < 1.0) & (visited >= n_forced) & all_enough)
+    return i + 1, o_new, m_new, l_new, visited, done
+
+  init = (
+      jnp.int32(0),
+      jnp.zeros((gp, d), jnp.float32),
+      jnp.full((gp,), MASK_VALUE, jnp.float32),
+      jnp.zeros((gp,), jnp.float32),
+      jnp.int32(0),
+      limit <= 0,
+  )
+  _, o, _, l, visited, _ = lax.while_loop(lambda carry: jnp.logical_not(carry[-1]), body, init)
+  o = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+  return o, visited
+
+
+def _kernel(q_ref, k_ref, v_ref, table_ref, order_ref, log_rem_ref, info_ref, tau_ref, o_ref, used_ref,
+            **loop_kwargs):
+  c = loop_kwargs["chunk_blocks"]
+  if order_ref is None:  # dense: natural order, no gather of the order
+    load_order = lambda start: start + jnp.arange(c)
+  else:
+    load_order = lambda start: order_ref[pl.ds(start, c)]
+  load_log_remaining = None
+  if log_rem_ref is not None:
+    # [Gp, 1] -> [Gp] by a reduction: the Triton lowering has no general reshape.
+    load_log_remaining = lambda i: jnp.max(log_rem_ref[:, pl.ds(i, 1)], axis=-1)
+  o, visited = progressive_loop(
+      q_ref[...],
+      info_ref[LENGTH],
+      info_ref[LIMIT],
+      info_ref[N_FORCED],
+      tau_ref[0],
+      load_order=load_order,
+      load_pages=lambda logical: table_ref[logical],
+      load_kv=lambda pages: (k_ref[pages], v_ref[pages]),
+      load_log_remaining=load_log_remaining,
+      **loop_kwargs,
+  )
+  o_ref[...] = o.astype(o_ref.dtype)
+  used_ref[...] = jnp.full(used_ref.shape, visited, jnp.int32)
+
+
+def progressive_attention_pallas(
+    q: jax.Array,  # [B, H, Gp, D]
+    k_pages: jax.Array,  # [H, P, S, D]
+    v_pages: jax.Array,  # [H, P, S, D]
+    block_table: jax.Array,  # [B, M]
+    order: jax.Array | None,  # [B, H, M]; None: natural order
+    log_remaining: jax.Array | None,  # [B, H, Gp, M]; only for estimator "score_mass"
+    info: jax.Array,  # [B, INFO_WIDTH] int32: length, limit, n_forced
+    tau: jax.Array,  # [B] float32
+    *,
+    group: int,
+    chunk_blocks: int,
+    sm_scale: float,
+    estimator: str | None,
+    interpret: bool,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> tuple[jax.Array, jax.Array]:
+  """Pallas (Triton) launch: grid over (sequence, KV head). Returns out [B, H, Gp, D], blocks used [B, H]."""
+  b, h, gp, d = q.shape
+  _, p, s, _ = k_pages.shape
+  m = block_table.shape[1]
+  kernel = functools.partial(
+      _kernel, group=group, block_size=s, chunk_blocks=chunk_blocks, num_order_slots=m,
+      sm_scale=sm_scale, estimator=estimator)
+  pages_spec = pl.BlockSpec((None, p, s, d), lambda i, j: (j, 0, 0, 0))
+  in_specs = [
+      pl.BlockSpec((None, None, gp, d), lambda i, j: (i, j, 0, 0)),
+      pages_spec,
+      pages_spec,
+      pl.BlockSpec((None, m), lambda i, j: (i, 0)),
+      None if order is None else pl.BlockSpec((None, None, m), lambda i, j: (i, j, 0)),
+      None if log_remaining is None else pl.BlockSpec((None, None, gp, m), lambda i, j: (i, j, 0, 0)),
+      pl.BlockSpec((None, INFO_WIDTH), lambda i, j: (i, 0)),
+      pl.BlockSpec((None, 1), lambda i, j: (i, 0)),
+  ]
+  out, used = pl.pallas_call(
+      kernel,
+      grid=(b, h),
+      in_specs=in_specs,
+      out_specs=[
+          pl.BlockSpec((None, None, gp, d), lambda i, j: (i, j, 0, 0)),
+          pl.BlockSpec((None, None, gp), lambda i, j: (i, j, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((b, h, gp, d), q.dtype),
+          jax.ShapeDtypeStruct((b, h, gp), jnp.int32),
+      ],
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name=f"progressive_attention_{estimator or 'fixed'}",
+  )(q, k_pages, v_pages, block_table, order, log_remaining, info, tau[:, None])
+  return out, used[..., 0]
+
+
+def progressive_attention_xla(
+    q, k_pages, v_pages, block_table, order, log_remaining, info, tau, *, group, chunk_blocks, sm_scale,
+    estimator,
+) -> tuple[jax.Array, jax.Array]:
+  """The same loop as plain XLA ops, vmapped over (sequence, KV head): the CPU path. Same signature and
+  results as `progressive_attention_pallas`."""
+  b, h, gp, d = q.shape
+  s = k_pages.shape[2]
+  m = block_table.shape[1]
+  if order is None:
+    order = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, h, m))
+  if log_remaining is None:
+    log_remaining = jnp.zeros((b, h, 1, 1), jnp.float32)  # unread placeholder, vmapped like the real one
+
+  def one(q_bh, k_h, v_h, table_b, order_bh, log_rem_bh, info_b, tau_b):
+    return progressive_loop(
+        q_bh, info_b[LENGTH], info_b[LIMIT], info_b[N_FORCED], tau_b,
+        load_order=lambda start: lax.dynamic_slice_in_dim(order_bh, start, chunk_blocks),
+        load_pages=lambda logical: table_b[logical],
+        load_kv=lambda pages: (k_h[pages], v_h[pages]),
+        load_log_remaining=lambda i: lax.dynamic_index_in_dim(log_rem_bh, i, axis=-1, keepdims=False),
+        group=group, block_size=s, chunk_blocks=chunk_blocks, num_order_slots=m, sm_scale=sm_scale,
+        estimator=estimator)
+
+  over_heads = jax.vmap(one, in_axes=(0, 0, 0, None, 0, 0, None, None))
+  over_batch = jax.vmap(over_heads, in_axes=(0, None, None, 0, 0, 0, 0, 0))
+  out, used = over_batch(q, k_pages, v_pages, block_table, order, log_remaining, info, tau)
+  return out.astype(q.dtype), used

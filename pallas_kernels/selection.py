@@ -1,0 +1,117 @@
+"""Block scoring (jnp reference) and the visit plan that turns block scores into an order of blocks.
+
+Shared by every path: the Pallas kernels, the XLA path and the oracle all visit blocks in the order this
+module computes, so they can be compared block for block.
+
+Shapes: B batch, H kv heads, G query heads per kv head (Gp: G padded), M blocks per sequence, S block size.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.summaries import BlockSummaries
+
+NEG_INF = float("-inf")
+
+
+def num_blocks(lengths: jax.Array, block_size: int) -> jax.Array:
+  """Blocks holding at least one token: [B]."""
+  return (lengths + block_size - 1) // block_size
+
+
+def block_scores_reference(
+    q: jax.Array,  # [B, H, Gp, D]
+    summaries: BlockSummaries,  # each [H, P, D]
+    block_table: jax.Array,  # [B, M]
+    lengths: jax.Array,  # [B]
+    *,
+    block_size: int,
+    score: str,
+    sm_scale: float,
+) -> jax.Array:
+  """Estimated scaled logit of each block, per query head: [B, H, Gp, M], -inf past the sequence.
+
+  "mean": q . mean_k. "minmax": Quest's bound max_k q . k <= sum_d max(q_d kmin_d, q_d kmax_d), written as
+  q+ . kmax + q- . kmin so that it is two matmuls.
+  """
+  valid = jnp.arange(block_table.shape[1])[None, :] < num_blocks(lengths, block_size)[:, None]  # [B, M]
+  pages = jnp.where(valid, block_table, 0)
+  take = lambda s: jnp.moveaxis(s[:, pages].astype(jnp.float32), 0, 1)  # [B, H, M, D]
+  qf = q.astype(jnp.float32)
+  dot = lambda a, k: jnp.einsum("bhgd,bhmd->bhgm", a, k, precision=jax.lax.Precision.HIGHEST)
+  if score == "mean":
+    s = dot(qf, take(summaries.kmean))
+  elif score == "minmax":
+    s = dot(jnp.maximum(qf, 0.0), take(summaries.kmax)) + dot(jnp.minimum(qf, 0.0), take(summaries.kmin))
+  else:
+    raise ValueError(f"unknown score kind {score!r}")
+  return jnp.where(valid[:, None, None, :], s * sm_scale, NEG_INF)
+
+
+class VisitPlan(NamedTuple):
+  """Which blocks a sequence's KV group visits, and in what order.
+
+  order: [B, H, M] logical block ids; forced (sink/local) blocks first, then descending criticality, then the
+    blocks past the sequence end.
+  limit: [B] at most this many blocks of `order` are visited.
+  n_forced: [B] the loop never stops before visiting this many blocks.
+  log_remaining: [B, H, Gp, M] log of the estimated mass (sum over blocks of n_tokens * exp(score)) of the
+    blocks from position i of `order` on; -inf for padded heads.
+  """
+
+  order: jax.Array
+  limit: jax.Array
+  n_forced: jax.Array
+  log_remaining: jax.Array
+
+
+def plan_visits(
+    scores: jax.Array,  # [B, H, Gp, M]
+    lengths: jax.Array,  # [B]
+    *,
+    group: int,
+    block_size: int,
+    sink_blocks: int,
+    local_blocks: int,
+    budget: jax.Array | int | None,
+    budget_counts_forced: bool,
+) -> VisitPlan:
+  """Orders blocks by criticality and sets the budget.
+
+  The criticality of a block is the largest share of estimated attention mass it holds for any query head of
+  the group: a block that matters to one head matters to the KV group. `budget` caps the blocks visited: on
+  top of the forced ones when `budget_counts_forced` is False (top-k's k), in total otherwise (PSA's
+  max_blocks); None means no cap.
+  """
+  _, _, gp, m = scores.shape
+  n = num_blocks(lengths, block_size)  # [B]
+  j = jnp.arange(m)
+  ntok = jnp.clip(lengths[:, None] - j[None, :] * block_size, 0, block_size)  # [B, M]
+  valid = j[None, :] < n[:, None]  # [B, M]
+  head_ok = (jnp.arange(gp) < group)[None, None, :, None]
+  log_mass = jnp.where(
+      valid[:, None, None, :] & head_ok,
+      scores + jnp.log(jnp.maximum(ntok, 1).astype(jnp.float32))[:, None, None, :],
+      NEG_INF,
+  )  # [B, H, Gp, M]
+  lse = jax.nn.logsumexp(log_mass, axis=-1, keepdims=True)
+  # Empty sequences and padded heads have lse = -inf; their shares are 0, not NaN.
+  share = jnp.exp(log_mass - jnp.where(jnp.isfinite(lse), lse, 0.0))
+  crit = jnp.max(share, axis=2)  # [B, H, M]
+  forced = valid & ((j[None, :] < sink_blocks) | (j[None, :] >= n[:, None] - local_blocks))  # [B, M]
+  key = jnp.where(forced[:, None, :], 2.0, jnp.where(valid[:, None, :], crit, -1.0))
+  order = jnp.argsort(-key, axis=-1, stable=True).astype(jnp.int32)
+  n_forced = jnp.sum(forced, axis=-1).astype(jnp.int32)
+  if budget is None:
+    limit = n
+  elif budget_counts_forced:
+    limit = jnp.minimum(n, budget)
+  else:
+    limit = jnp.minimum(n, n_forced + budget)
+  ordered = jnp.take_along_axis(log_mass, jnp.broadcast_to(order[:, :, None, :], log_mass.shape), axis=-1)
+  log_remaining = jax.lax.cumlogsumexp(ordered, axis=3, reverse=True)
+  return VisitPlan(order, limit.astype(jnp.int32), n_forced, log_remaining)

@@ -1,0 +1,64 @@
+"""Per-block key summaries: the small side buffer that block scoring reads instead of the keys.
+
+Layout (beside the KV pages `[kv_heads, num_pages, block_size, head_dim]`):
+  kmin, kmax, kmean: [kv_heads, num_pages, head_dim], in the key dtype.
+
+min/max are exact in the key dtype (they are selections); the mean is reduced in float32 and rounded once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class BlockSummaries(NamedTuple):
+  kmin: jax.Array  # [kv_heads, num_pages, head_dim]
+  kmax: jax.Array  # [kv_heads, num_pages, head_dim]
+  kmean: jax.Array  # [kv_heads, num_pages, head_dim]
+
+  @classmethod
+  def zeros(cls, kv_heads: int, num_pages: int, head_dim: int, dtype=jnp.bfloat16) -> "BlockSummaries":
+    z = jnp.zeros((kv_heads, num_pages, head_dim), dtype)
+    return cls(z, z, z)
+
+
+def summarize_pages(k_pages: jax.Array, page_ids: jax.Array, num_tokens: jax.Array) -> BlockSummaries:
+  """Summaries of `page_ids`, each holding its first `num_tokens` keys.
+
+  k_pages: [kv_heads, num_pages, block_size, head_dim]; page_ids, num_tokens: [n].
+  Returns summaries of shape [kv_heads, n, head_dim]; a page with no tokens gets zeros.
+  """
+  block_size = k_pages.shape[2]
+  safe_ids = jnp.clip(page_ids, 0, k_pages.shape[1] - 1)
+  keys = k_pages[:, safe_ids].astype(jnp.float32)  # [h, n, s, d]
+  valid = (jnp.arange(block_size)[None, :] < num_tokens[:, None])[None, :, :, None]
+  kmin = jnp.min(jnp.where(valid, keys, jnp.inf), axis=2)
+  kmax = jnp.max(jnp.where(valid, keys, -jnp.inf), axis=2)
+  count = jnp.maximum(num_tokens, 1).astype(jnp.float32)[None, :, None]
+  kmean = jnp.sum(jnp.where(valid, keys, 0.0), axis=2) / count
+  empty = (num_tokens <= 0)[None, :, None]
+  fix = lambda x: jnp.where(empty, 0.0, x).astype(k_pages.dtype)
+  return BlockSummaries(fix(kmin), fix(kmax), fix(kmean))
+
+
+def update_summaries(
+    summaries: BlockSummaries, k_pages: jax.Array, page_ids: jax.Array, num_tokens: jax.Array
+) -> BlockSummaries:
+  """Folds newly appended keys into the summaries of the pages they landed in.
+
+  The touched pages are re-reduced from their contents rather than folded incrementally: one page is
+  block_size keys, so this reads no more than the append itself wrote, and the result does not depend on how
+  the tokens were split into appends (decode, chunked prefill) or on what a reused page held before.
+
+  page_ids, num_tokens: [n] the touched pages and how many valid tokens each now holds. Entries with
+  num_tokens <= 0 are padding and leave the summaries untouched.
+  """
+  fresh = summarize_pages(k_pages, page_ids, num_tokens)
+  # Padding entries scatter out of bounds and are dropped.
+  target = jnp.where(num_tokens > 0, page_ids, k_pages.shape[1])
+  return BlockSummaries(*(
+      old.at[:, target].set(new.astype(old.dtype), mode="drop") for old, new in zip(summaries, fresh)
+  ))

@@ -1,0 +1,104 @@
+"""Frozen configuration of the three decode attentions.
+
+Every knob is a dataclass field, validated when the object is built, so a bad value fails where it is written
+rather than deep inside a trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+ScoreKind = Literal["mean", "minmax"]
+Estimator = Literal["score_mass", "last_chunk"]
+Impl = Literal["auto", "pallas", "xla", "reference"]
+
+SCORE_KINDS = ("mean", "minmax")
+ESTIMATORS = ("score_mass", "last_chunk")
+IMPLS = ("auto", "pallas", "xla", "reference")
+
+
+def _check_nonneg(name: str, value: int) -> None:
+  if not isinstance(value, int) or value < 0:
+    raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def _check_chunk(chunk_blocks: int) -> None:
+  if not isinstance(chunk_blocks, int) or chunk_blocks < 1 or chunk_blocks & (chunk_blocks - 1):
+    # The Triton lowering needs power-of-two tiles: a chunk is chunk_blocks * block_size tokens.
+    raise ValueError(f"chunk_blocks must be a power of two >= 1, got {chunk_blocks!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseConfig:
+  """Exact paged decode attention.
+
+  chunk_blocks: KV blocks folded into the online softmax per loop iteration.
+  """
+
+  chunk_blocks: int = 4
+
+  def __post_init__(self):
+    _check_chunk(self.chunk_blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKConfig:
+  """Quest-style fixed-budget sparse attention.
+
+  Attends to the first `sink_blocks`, the last `local_blocks` and the `k_blocks` other blocks of highest
+  estimated criticality. `score` picks the block summary the criticality comes from ("minmax" is Quest's
+  per-channel upper bound).
+  """
+
+  k_blocks: int = 32
+  sink_blocks: int = 1
+  local_blocks: int = 1
+  chunk_blocks: int = 4
+  score: ScoreKind = "minmax"
+
+  def __post_init__(self):
+    _check_nonneg("k_blocks", self.k_blocks)
+    _check_nonneg("sink_blocks", self.sink_blocks)
+    _check_nonneg("local_blocks", self.local_blocks)
+    _check_chunk(self.chunk_blocks)
+    if self.score not in SCORE_KINDS:
+      raise ValueError(f"score must be one of {SCORE_KINDS}, got {self.score!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PSAConfig:
+  """Progressive Sparse Attention.
+
+  Blocks are visited in descending estimated criticality, `chunk_blocks` per iteration; the loop stops once
+  every query head of the KV group has gathered `tau` of its estimated total attention mass, or after
+  `max_blocks` blocks (None: no cap). Sink and local blocks are always visited first (within the cap).
+
+  estimator: how the mass not yet visited is estimated.
+    "score_mass": from the block scores, sum over unvisited blocks of n_tokens * exp(score).
+    "last_chunk": the mean mass per block of the chunk just visited, times the blocks left. Blocks come in
+      descending criticality, so the last chunk is an upper estimate of what each remaining block holds.
+  score: the block summary behind the criticality ("mean": q . mean_k; "minmax": Quest's upper bound).
+  tau = 1.0 visits every block and equals dense attention.
+  """
+
+  tau: float = 0.95
+  max_blocks: int | None = None
+  sink_blocks: int = 1
+  local_blocks: int = 1
+  chunk_blocks: int = 4
+  score: ScoreKind = "mean"
+  estimator: Estimator = "score_mass"
+
+  def __post_init__(self):
+    if not isinstance(self.tau, (int, float)) or not 0.0 < float(self.tau) <= 1.0:
+      raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
+    if self.max_blocks is not None:
+      _check_nonneg("max_blocks", self.max_blocks)
+    _check_nonneg("sink_blocks", self.sink_blocks)
+    _check_nonneg("local_blocks", self.local_blocks)
+    _check_chunk(self.chunk_blocks)
+    if self.score not in SCORE_KINDS:
+      raise ValueError(f"score must be one of {SCORE_KINDS}, got {self.score!r}")
+    if self.estimator not in ESTIMATORS:
+      raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
