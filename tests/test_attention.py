@@ -1,0 +1,152 @@
+"""Specification of the three decode attentions: every implementation against the loop-free oracle."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from psa_jax import DenseConfig, PSAConfig, TopKConfig, dense_attention, psa_attention, topk_attention
+from psa_jax.synthetic import synthetic_decode_inputs
+
+# Ragged: a single token, block boundaries on both sides, and lengths that end mid-block.
+RAGGED = (1, 16, 17, 70, 128)
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+def inputs(group=2, kv_heads=2, dtype=jnp.float32, lengths=RAGGED, seed=0, **kw):
+  return synthetic_decode_inputs(seed, lengths, q_heads=group * kv_heads, kv_heads=kv_heads, dtype=dtype, **kw)
+
+
+def close(a, b, dtype):
+  np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=TOL[dtype],
+                             rtol=TOL[dtype])
+
+
+def dense_oracle(x):
+  return dense_attention(x.q, x.k_pages, x.v_pages, x.block_table, x.lengths, impl="reference")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
+@pytest.mark.parametrize("estimator", ["score_mass", "last_chunk"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_psa_with_tau_one_equals_dense(impl, estimator, dtype):
+  x = inputs(dtype=dtype)
+  out, used = psa_attention(*x, PSAConfig(tau=1.0, estimator=estimator), impl=impl)
+  close(out, dense_oracle(x), dtype)
+  np.testing.assert_array_equal(used, np.broadcast_to((-(-np.asarray(x.lengths) // 16))[:, None], used.shape))
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_dense_matches_oracle_for_gqa_group_sizes(group, impl):
+  x = inputs(group=group, kv_heads=1 if group == 8 else 2, lengths=(1, 33, 64))
+  close(dense_attention(x.q, x.k_pages, x.v_pages, x.block_table, x.lengths, impl=impl), dense_oracle(x),
+        jnp.float32)
+
+
+def test_dense_oracle_is_plain_softmax_over_contiguous_keys():
+  x = inputs(lengths=(5, 40))
+  out = np.asarray(dense_oracle(x))
+  for b, n in enumerate(np.asarray(x.lengths)):
+    pages = np.asarray(x.block_table[b])
+    k = np.asarray(x.k_pages)[:, pages].reshape(2, -1, 32)[:, :n]  # [H, n, D]
+    v = np.asarray(x.v_pages)[:, pages].reshape(2, -1, 32)[:, :n]
+    for h in range(4):
+      logits = k[h // 2] @ np.asarray(x.q[b, h]) / np.sqrt(32)
+      w = np.exp(logits - logits.max())
+      np.testing.assert_allclose(out[b, h], w @ v[h // 2] / w.sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("config", [
+    PSAConfig(tau=0.9),
+    PSAConfig(tau=0.5, estimator="last_chunk", chunk_blocks=1),
+    PSAConfig(tau=0.8, score="minmax", chunk_blocks=2, sink_blocks=0, local_blocks=2),
+    PSAConfig(tau=0.99, max_blocks=3, chunk_blocks=2),
+], ids=["score_mass", "last_chunk", "minmax", "capped"])
+def test_psa_matches_oracle(impl, dtype, config):
+  x = inputs(group=3, dtype=dtype, seed=1)
+  out, used = psa_attention(*x, config, impl=impl)
+  ref_out, ref_used = psa_attention(*x, config, impl="reference")
+  np.testing.assert_array_equal(used, ref_used)
+  close(out, ref_out, dtype)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("score", ["minmax", "mean"])
+def test_topk_matches_oracle(impl, score):
+  x = inputs(group=4, seed=2)
+  config = TopKConfig(k_blocks=2, score=score, chunk_blocks=2)
+  out, used = topk_attention(*x, config, impl=impl)
+  ref_out, ref_used = topk_attention(*x, config, impl="reference")
+  np.testing.assert_array_equal(used, ref_used)
+  close(out, ref_out, jnp.float32)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
+def test_topk_with_every_block_equals_dense(impl):
+  x = inputs()
+  out, _ = topk_attention(*x, TopKConfig(k_blocks=8), impl=impl)
+  close(out, dense_oracle(x), jnp.float32)
+
+
+def test_topk_uses_sink_local_and_k_blocks():
+  x = inputs(lengths=(1, 16, 17, 70, 128))
+  _, used = topk_attention(*x, TopKConfig(k_blocks=2, sink_blocks=1, local_blocks=1), impl="xla")
+  n = -(-np.asarray(x.lengths) // 16)
+  np.testing.assert_array_equal(used[:, 0], np.minimum(n, 4))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
+def test_empty_budget_attends_to_nothing(impl):
+  x = inputs()
+  out, used = psa_attention(*x, PSAConfig(max_blocks=0), impl=impl)
+  assert not np.asarray(used).any() and not np.asarray(out).any()
+  out, used = topk_attention(*x, TopKConfig(k_blocks=0, sink_blocks=0, local_blocks=0), impl=impl)
+  assert not np.asarray(used).any() and not np.asarray(out).any()
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
+def test_empty_sequence_gives_zero_output(impl):
+  x = inputs(lengths=(0, 20))
+  out, used = psa_attention(*x, PSAConfig(tau=0.9), impl=impl)
+  assert not np.asarray(out[0]).any() and not np.asarray(used[0]).any()
+  close(dense_attention(x.q, x.k_pages, x.v_pages, x.block_table, x.lengths, impl=impl)[1], dense_oracle(x)[1],
+        jnp.float32)
+
+
+def test_psa_reads_fewer_blocks_on_sparse_attention_and_stays_close():
+  x = inputs(lengths=(1024, 2048), seed=3, heavy_blocks=2, strength=3.0)
+  out, used = psa_attention(*x, PSAConfig(tau=0.9, chunk_blocks=2), impl="xla")
+  n = -(-np.asarray(x.lengths) // 16)
+  assert (np.asarray(used) < n[:, None] / 4).all(), used
+  dense = np.asarray(dense_oracle(x))
+  rel = np.linalg.norm(np.asarray(out) - dense, axis=-1) / np.linalg.norm(dense, axis=-1)
+  assert rel.max() < 0.3, rel
+
+
+def test_per_sequence_tau_override_is_traced_without_recompiling():
+  x = inputs(seed=4)
+  fn = jax.jit(lambda tau: psa_attention(*x, PSAConfig(), tau=tau, impl="xla"))
+  _, used_loose = fn(jnp.full((5,), 0.3, jnp.float32))
+  _, used_strict = fn(jnp.ones((5,), jnp.float32))
+  assert fn._cache_size() == 1
+  assert (np.asarray(used_strict) >= np.asarray(used_loose)).all()
+  np.testing.assert_array_equal(used_strict[:, 0], -(-np.asarray(x.lengths) // 16))
+
+
+def test_composes_with_jit_and_vmap():
+  x = inputs(lengths=(20, 40))
+  stacked_q = jnp.stack([x.q, 2 * x.q])  # [2, B, Hq, D]
+  fn = jax.jit(jax.vmap(lambda q: psa_attention(q, *x[1:], PSAConfig(tau=1.0), impl="xla")[0]))
+  out = fn(stacked_q)
+  for i in range(2):
+    close(out[i], dense_attention(stacked_q[i], *x[1:5], impl="reference"), jnp.float32)
+
+
+def test_dense_config_chunk_does_not_change_result():
+  x = inputs()
+  a = dense_attention(x.q, x.k_pages, x.v_pages, x.block_table, x.lengths, DenseConfig(chunk_blocks=1), impl="xla")
+  b = dense_attention(x.q, x.k_pages, x.v_pages, x.block_table, x.lengths, DenseConfig(chunk_blocks=8), impl="xla")
+  close(a, b, jnp.float32)

@@ -1,0 +1,91 @@
+"""Block summaries, block scores and the visit order."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import scoring, selection
+from pallas_kernels.progressive import INFO_WIDTH
+from psa_jax import BlockSummaries, summarize_pages, update_summaries
+from psa_jax.synthetic import synthetic_decode_inputs
+
+
+def test_summaries_are_min_max_mean_of_the_valid_keys_only():
+  rng = np.random.default_rng(0)
+  k = jnp.asarray(rng.normal(size=(2, 5, 8, 4)), jnp.float32)
+  s = summarize_pages(k, jnp.array([3, 1]), jnp.array([5, 8]))
+  np.testing.assert_allclose(s.kmin[:, 0], k[:, 3, :5].min(axis=1))
+  np.testing.assert_allclose(s.kmax[:, 1], k[:, 1].max(axis=1))
+  np.testing.assert_allclose(s.kmean[:, 0], k[:, 3, :5].mean(axis=1), rtol=1e-6)
+
+
+def test_appending_token_by_token_equals_summarizing_once():
+  rng = np.random.default_rng(1)
+  k = jnp.asarray(rng.normal(size=(2, 4, 8, 4)), jnp.float32)
+  stale = BlockSummaries(*(jnp.asarray(rng.normal(size=(2, 4, 4)), jnp.float32) for _ in range(3)))
+  s = stale  # a reused page: whatever it summarized before must not leak in
+  for n in range(1, 7):
+    s = update_summaries(s, k, jnp.array([2]), jnp.array([n]))
+  once = summarize_pages(k, jnp.array([2]), jnp.array([6]))
+  for got, want, old in zip(s, once, stale):
+    np.testing.assert_allclose(got[:, 2], want[:, 0], rtol=1e-6)
+    np.testing.assert_array_equal(got[:, 0], old[:, 0])  # untouched pages stay
+
+
+def test_padding_entries_leave_summaries_untouched():
+  k = jnp.ones((1, 3, 4, 2), jnp.bfloat16)
+  s = BlockSummaries.zeros(1, 3, 2)
+  s2 = update_summaries(s, k, jnp.array([0, 1]), jnp.array([0, 2]))
+  assert not np.asarray(s2.kmax[:, 0], np.float32).any()
+  np.testing.assert_array_equal(np.asarray(s2.kmax[:, 1], np.float32), 1.0)
+  assert s2.kmean.dtype == jnp.bfloat16
+
+
+def test_minmax_score_bounds_every_key_logit():
+  x = synthetic_decode_inputs(0, (70, 33), q_heads=4, kv_heads=2, head_dim=32)
+  qg = x.q.reshape(2, 2, 2, 32)
+  scores = selection.block_scores_reference(qg, x.summaries, x.block_table, x.lengths, block_size=16,
+                                            score="minmax", sm_scale=1.0)
+  k = np.asarray(x.k_pages)
+  for b in range(2):
+    for j in range(-(-int(x.lengths[b]) // 16)):
+      page = int(x.block_table[b, j])
+      n = min(16, int(x.lengths[b]) - 16 * j)
+      logits = np.einsum("hgd,htd->hgt", np.asarray(qg[b]), k[:, page, :n])
+      assert (logits.max(-1) <= np.asarray(scores[b, :, :, j]) + 1e-4).all()
+
+
+@pytest.mark.parametrize("score", ["mean", "minmax"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_block_scores_match_reference(score, dtype):
+  x = synthetic_decode_inputs(1, (1, 17, 200), q_heads=6, kv_heads=2, head_dim=32, dtype=dtype, max_blocks=16)
+  qg = jnp.pad(x.q.reshape(3, 2, 3, 32), ((0, 0), (0, 0), (0, 13), (0, 0)))
+  info = jnp.zeros((3, INFO_WIDTH), jnp.int32).at[:, 0].set(x.lengths)
+  kw = dict(block_size=16, score=score, sm_scale=1 / math.sqrt(32))
+  got = scoring.block_scores_pallas(qg, x.summaries, x.block_table, info, interpret=True, blocks_per_tile=8, **kw)
+  want = selection.block_scores_reference(qg, x.summaries, x.block_table, x.lengths, **kw)
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  finite = np.isfinite(want)
+  np.testing.assert_allclose(np.asarray(got)[finite], np.asarray(want)[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_visit_order_puts_forced_blocks_first_then_descending_criticality():
+  rng = np.random.default_rng(3)
+  scores = jnp.asarray(rng.normal(size=(1, 1, 2, 10)), jnp.float32)
+  lengths = jnp.array([16 * 8 - 3])  # 8 blocks; blocks 8 and 9 lie past the end
+  plan = selection.plan_visits(scores, lengths, group=2, block_size=16, sink_blocks=1, local_blocks=2,
+                               budget=4, budget_counts_forced=False)
+  order = np.asarray(plan.order[0, 0])
+  assert set(order[:3]) == {0, 6, 7}
+  assert set(order[8:]) == {8, 9}
+  assert int(plan.n_forced[0]) == 3 and int(plan.limit[0]) == 7
+  ntok = np.array([16] * 7 + [13])
+  share = np.exp(np.asarray(scores[0, 0, :, :8])) * ntok
+  share /= share.sum(-1, keepdims=True)
+  crit = share.max(0)[order[3:8]]
+  assert (np.diff(crit) <= 0).all()
+  # log_remaining[i] is the estimated mass of blocks order[i:], in logs.
+  masses = np.exp(np.asarray(scores[0, 0, 0, :8])) * ntok
+  np.testing.assert_allclose(np.exp(plan.log_remaining[0, 0, 0, 3]), masses[order[3:8]].sum(), rtol=1e-5)
