@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
