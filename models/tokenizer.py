@@ -1,0 +1,107 @@
+"""Tokenizer and chat template, built from a Hugging Face tokenizer.json or from GGUF metadata."""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import jinja2
+from jinja2 import sandbox
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+GGUF_CONTROL_TOKEN = 3  # llama.cpp token type of special tokens such as <|im_start|>
+
+
+class Tokenizer:
+  """Text <-> ids plus the model's chat template.
+
+  add_bos: prepend bos_token_id when encoding a prompt (GGUF's tokenizer.ggml.add_bos_token).
+  """
+
+  def __init__(self, backend: tokenizers.Tokenizer, *, bos_token_id: int | None, eos_token_ids: Sequence[int],
+               chat_template: str | None, add_bos: bool = False):
+    self.backend = backend
+    self.bos_token_id = bos_token_id
+    self.eos_token_ids = tuple(eos_token_ids)
+    self.chat_template = chat_template
+    self.add_bos = add_bos
+
+  @property
+  def vocab_size(self) -> int:
+    return self.backend.get_vocab_size(with_added_tokens=True)
+
+  def token(self, token_id: int) -> str:
+    return self.backend.id_to_token(token_id)
+
+  def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+    ids = self.backend.encode(text, add_special_tokens=False).ids
+    if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
+      ids = [self.bos_token_id] + ids
+    return ids
+
+  def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+  def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+    if not self.chat_template:
+      raise ValueError("this model has no chat template; send a plain prompt instead")
+    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message):
+      raise jinja2.exceptions.TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    tok = lambda i: None if i is None else self.token(i)
+    return env.from_string(self.chat_template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt,
+        bos_token=tok(self.bos_token_id) or "", eos_token=tok(self.eos_token_ids[0]) if self.eos_token_ids else "")
+
+
+def from_gguf_metadata(meta: dict) -> Tokenizer:
+  """Builds the tokenizer of a GGUF file from its tokenizer.ggml.* metadata (BPE "gpt2" vocabularies:
+  SmolLM2, Llama 3, Qwen2)."""
+  kind = meta.get("tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise ValueError(
+        f"GGUF tokenizer model {kind!r} is not supported (only BPE 'gpt2' vocabularies); load the model from its "
+        "Hugging Face directory instead, whose tokenizer.json is used as is")
+  tokens = list(meta["tokenizer.ggml.tokens"])
+  merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+  types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+  bpe = models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False, byte_fallback=False)
+  backend = tokenizers.Tokenizer(bpe)
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  backend.decoder = decoders.ByteLevel()
+  backend.add_special_tokens([
+      tokenizers.AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+      if ty == GGUF_CONTROL_TOKEN])
+  eos = meta.get("tokenizer.ggml.eos_token_id")
+  return Tokenizer(backend, bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                   eos_token_ids=() if eos is None else (int(eos),),
+                   chat_template=meta.get("tokenizer.chat_template"),
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+
+
+def from_hf_directory(path, config: dict) -> Tokenizer:
+  """tokenizer.json + tokenizer_config.json (chat template, bos/eos) of a Hugging Face model directory."""
+  backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+  tok_config = {}
+  if (path / "tokenizer_config.json").exists():
+    tok_config = json.loads((path / "tokenizer_config.json").read_text())
+  template = tok_config.get("chat_template")
+  if template is None and (path / "chat_template.jinja").exists():
+    template = (path / "chat_template.jinja").read_text()
+
+  def token_id(value):
+    if isinstance(value, dict):
+      value = value.get("content")
+    return None if value is None else backend.token_to_id(value)
+
+  bos = token_id(tok_config.get("bos_token")) if "bos_token" in tok_config else config.get("bos_token_id")
+  eos = config.get("eos_token_id")
+  eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+  if not eos_ids and tok_config.get("eos_token") is not None:
+    eos_ids = (token_id(tok_config["eos_token"]),)
+  return Tokenizer(backend, bos_token_id=bos, eos_token_ids=eos_ids, chat_template=template,
+                   add_bos=bool(tok_config.get("add_bos_token", False)))
