@@ -258,20 +258,20 @@ def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
 
   def put(variable, value):
     value = np.asarray(value)
-    if value.shape != variable.value.shape:
-      raise CheckpointError(f"tensor shape {value.shape} does not fit parameter of shape {variable.value.shape}")
-    variable.value = jnp.asarray(value, dtype)
+    if value.shape != variable.get_value().shape:
+      raise CheckpointError(f"tensor shape {value.shape} does not fit parameter of shape {variable.get_value().shape}")
+    variable.set_value(jnp.asarray(value, dtype))
 
   for target, layers in stacks.items():
     put(getattr(model, target), np.stack(layers))
   for target in ("bq", "bk", "bv"):
     if target not in stacks:
-      put(getattr(model, target), np.zeros(getattr(model, target).value.shape, np.float32))
+      put(getattr(model, target), np.zeros(getattr(model, target).get_value().shape, np.float32))
   put(model.embed, top["model.embed_tokens.weight"])
   put(model.final_norm, top["model.norm.weight"])
   if not config.tie_embeddings:
     put(model.lm_head, top["lm_head.weight"].T)
-  model.inv_freq.value = jnp.asarray(inverse_frequencies(config))
+  model.inv_freq.set_value(jnp.asarray(inverse_frequencies(config)))
   return model
 
 

@@ -54,10 +54,10 @@ class Decoder(nnx.Module):
 
   @property
   def dtype(self):
-    return self.embed.value.dtype
+    return self.embed[...].dtype
 
   def _layers(self):
-    return {name: getattr(self, name).value for name in LAYER_WEIGHTS}
+    return {name: getattr(self, name)[...] for name in LAYER_WEIGHTS}
 
   def _qkv(self, w, h, positions):
     c = self.config
@@ -65,7 +65,7 @@ class Decoder(nnx.Module):
     q = (h @ w["wq"] + w["bq"]).reshape(*lead, c.num_heads, c.head_dim)
     k = (h @ w["wk"] + w["bk"]).reshape(*lead, c.num_kv_heads, c.head_dim)
     v = (h @ w["wv"] + w["bv"]).reshape(*lead, c.num_kv_heads, c.head_dim)
-    inv = self.inv_freq.value
+    inv = self.inv_freq[...]
     return apply_rope(q, positions, inv), apply_rope(k, positions, inv), v
 
   def _mlp(self, w, x):
@@ -74,8 +74,8 @@ class Decoder(nnx.Module):
 
   def logits(self, x: jax.Array) -> jax.Array:
     """[..., E] -> [..., V] float32."""
-    h = rms_norm(x, self.final_norm.value, self.config.rms_eps)
-    head = self.embed.value.T if self.lm_head is None else self.lm_head.value
+    h = rms_norm(x, self.final_norm[...], self.config.rms_eps)
+    head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
     return jnp.dot(h, head, preferred_element_type=jnp.float32)
 
   def prefill(
@@ -92,7 +92,7 @@ class Decoder(nnx.Module):
     c = self.config
     b, t = tokens.shape
     positions = start[:, None] + jnp.arange(t)[None, :]
-    x = self.embed.value[tokens]
+    x = self.embed[...][tokens]
 
     def layer(carry, xs):
       x, kv = carry
@@ -120,7 +120,7 @@ class Decoder(nnx.Module):
     """One token per sequence: (logits [B, V] float32, new KV, blocks used [L, B, H])."""
     c = self.config
     b = tokens.shape[0]
-    x = self.embed.value[tokens]  # [B, E]
+    x = self.embed[...][tokens]  # [B, E]
     lengths = positions + 1
 
     def layer(carry, xs):

@@ -1,0 +1,199 @@
+"""The decoder on real checkpoints, against Hugging Face transformers (torch on CPU)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import checkpoint
+from models.generate import generate
+from models.kv_pages import PagedKV
+from psa_jax import AttentionBackend
+
+from tests import tiny_models
+
+torch = pytest.importorskip("torch", reason="install the [peers] extra; `make test` does")
+transformers = pytest.importorskip("transformers")
+
+
+def prose(n_chars: int) -> str:
+  from pydoc_data import topics
+  return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))[:n_chars]
+
+
+def hf_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def our_logits(decoder, ids, attention=None, decode_last=0):
+  """Last-position logits from a prefill of ids[:-decode_last] then `decode_last` decode steps."""
+  c = decoder.config
+  n_prefill = len(ids) - decode_last
+  width = -(-len(ids) // 16)
+  kv = PagedKV.zeros(c.num_kv_heads, c.num_layers * width, 16, c.head_dim, decoder.dtype)
+  tables = jnp.arange(c.num_layers * width, dtype=jnp.int32).reshape(c.num_layers, 1, width)
+  x, kv = decoder.prefill(jnp.asarray([ids[:n_prefill]]), jnp.zeros(1, jnp.int32), jnp.array([n_prefill]), kv,
+                          tables)
+  logits = decoder.logits(x[0, -1])
+  for i in range(n_prefill, len(ids)):
+    logits, kv, _ = decoder.decode(jnp.array([ids[i]]), jnp.array([i]), kv, tables, attention)
+    logits = logits[0]
+  return np.asarray(logits)
+
+
+def assert_relative(ours, theirs, rel):
+  err = np.abs(ours - theirs).max() / np.abs(theirs).max()
+  assert err < rel, f"relative error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def smollm():
+  return checkpoint.load(None, dtype=jnp.float32, use_cache=False)
+
+
+@pytest.fixture(scope="module")
+def hf_smollm():
+  path = checkpoint.default_model_path()
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+  path = checkpoint.default_model_path()
+  return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_smollm2_last_logits_match_transformers_on_512_tokens(smollm, hf_smollm):
+  ids = smollm.tokenizer.encode(prose(4000))[:512]
+  assert len(ids) == 512
+  assert_relative(our_logits(smollm.model, ids), hf_logits(hf_smollm, ids)[-1], 1e-3)
+
+
+def test_smollm2_decode_steps_match_transformers(smollm, hf_smollm):
+  ids = smollm.tokenizer.encode(prose(600))[:100]
+  assert_relative(our_logits(smollm.model, ids, AttentionBackend.named("dense"), decode_last=3),
+                  hf_logits(hf_smollm, ids)[-1], 1e-3)
+
+
+def test_smollm2_psa_with_tau_one_reproduces_dense_logits(smollm):
+  ids = smollm.tokenizer.encode(prose(3000))[:300]
+  dense = our_logits(smollm.model, ids, AttentionBackend.named("dense"), decode_last=2)
+  psa = our_logits(smollm.model, ids, AttentionBackend.named("psa", tau=1.0), decode_last=2)
+  assert_relative(psa, dense, 1e-5)
+
+
+def test_smollm2_64_greedy_tokens_match_transformers(smollm, hf_smollm):
+  tok = smollm.tokenizer
+  prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}]))
+  ours = generate(smollm.model, prompt, max_new_tokens=64)
+  with torch.no_grad():
+    theirs = hf_smollm.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
+                                eos_token_id=list(tok.eos_token_ids), pad_token_id=2)[0, len(prompt):].tolist()
+  assert ours == theirs
+  assert len(ours) >= 16
+
+
+def test_tokenizer_matches_transformers_on_mixed_text(smollm, hf_tokenizer):
+  text = (prose(2500) + "\nnumbers 12345 3.14159 -0.5e10, code: def f(x):\n\treturn x**2  # ok\n"
+          "unicode: café naïve 東京 😀 — “quotes” \u00a0nbsp <|im_start|>user\nhi<|im_end|>\n  trailing  ")
+  assert len(text) > 2500
+  ours = smollm.tokenizer.encode(text)
+  assert ours == hf_tokenizer.encode(text, add_special_tokens=False)
+  assert smollm.tokenizer.decode(ours, skip_special_tokens=False) == text
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+])
+def test_chat_template_renders_like_transformers(smollm, hf_tokenizer, messages):
+  assert smollm.tokenizer.apply_chat_template(messages) == hf_tokenizer.apply_chat_template(
+      messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("arch,rope_scaling", [
+    ("llama", None),
+    ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}),
+    ("qwen2", None),
+], ids=["llama", "llama3_rope", "qwen2_bias"])
+def test_tiny_safetensors_models_match_transformers(tmp_path, arch, rope_scaling):
+  hf = tiny_models.save_tiny_hf(tmp_path, arch, rope_scaling=rope_scaling)
+  loaded = checkpoint.load(tmp_path, dtype=jnp.float32, use_cache=False)
+  assert loaded.model.config.qkv_bias == (arch == "qwen2")
+  ids = list(np.random.default_rng(0).integers(100, 49000, size=200))
+  assert_relative(our_logits(loaded.model, ids, AttentionBackend.named("dense"), decode_last=2),
+                  hf_logits(hf, ids)[-1], 1e-4)
+  ours = generate(loaded.model, ids[:20], max_new_tokens=12, stop_ids=())
+  with torch.no_grad():
+    theirs = hf.generate(torch.tensor([ids[:20]]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                         pad_token_id=0)[0, 20:].tolist()
+  assert ours == theirs
+  assert loaded.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]).endswith("assistant\n")
+
+
+@pytest.mark.parametrize("qtype,rel", [("F32", 1e-5), ("F16", 3e-3), ("BF16", 2e-2), ("Q8_0", 2e-2),
+                                       ("Q4_0", 0.3), ("Q4_1", 0.3)])
+def test_gguf_dequantizes_and_unpermutes_like_the_writer(tmp_path, qtype, rel):
+  hf = tiny_models.save_tiny_hf(tmp_path / "hf", "llama")
+  stored = tiny_models.write_tiny_gguf(tmp_path / "m.gguf", hf, qtype=qtype)
+  config, _, tensors = checkpoint.read_gguf(tmp_path / "m.gguf")
+  got = dict(tensors())
+  # The loader returns exactly the dequantized values, in HF layout (Q/K permutation undone).
+  np.testing.assert_array_equal(got["model.layers.1.mlp.up_proj.weight"], stored["blk.1.ffn_up.weight"])
+  if qtype == "F32":
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+      np.testing.assert_array_equal(got[name], hf.state_dict()[name].numpy())
+  loaded = checkpoint.load(tmp_path / "m.gguf", dtype=jnp.float32, use_cache=False)
+  ids = list(np.random.default_rng(1).integers(100, 49000, size=64))
+  assert_relative(our_logits(loaded.model, ids), hf_logits(hf, ids)[-1], rel)
+
+
+def test_converted_parameters_are_cached_and_restored(tmp_path, monkeypatch):
+  monkeypatch.setenv("PSA_JAX_CACHE", str(tmp_path / "cache"))
+  tiny_models.save_tiny_hf(tmp_path / "hf", "qwen2")
+  first = checkpoint.load(tmp_path / "hf", dtype=jnp.bfloat16)
+  assert list((tmp_path / "cache").iterdir())
+  second = checkpoint.load(tmp_path / "hf", dtype=jnp.bfloat16)
+  assert second.model.wq[...].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(first.model.bq[...], np.float32),
+                                np.asarray(second.model.bq[...], np.float32))
+
+
+def test_truncated_gguf_fails_clearly(tmp_path):
+  src = checkpoint.default_model_path()
+  with open(src, "rb") as f:
+    (tmp_path / "cut.gguf").write_bytes(f.read(1_000_000))
+  with pytest.raises(checkpoint.CheckpointError, match="cut.gguf"):
+    checkpoint.load(tmp_path / "cut.gguf", use_cache=False)
+
+
+def test_gguf_of_unsupported_architecture_fails_clearly(tmp_path):
+  import gguf
+  writer = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
+  writer.add_block_count(1)
+  writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(checkpoint.CheckpointError, match="architecture 'gpt2' is not supported"):
+    checkpoint.load(tmp_path / "gpt2.gguf", use_cache=False)
+
+
+def test_directory_without_weights_fails_clearly(tmp_path):
+  (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+  with pytest.raises(checkpoint.CheckpointError, match="safetensors"):
+    checkpoint.load(tmp_path, use_cache=False)
+
+
+def test_missing_model_says_what_was_looked_for():
+  with pytest.raises(checkpoint.CheckpointError, match="nothing is downloaded|Nothing is downloaded"):
+    checkpoint.load("/no/such/model.gguf")
+
+
+def test_default_model_alias_resolves_to_the_wheel():
+  assert checkpoint.resolve("smollm2-135m-instruct") == checkpoint.resolve(None)
+  assert checkpoint.resolve(None).suffix == ".gguf"

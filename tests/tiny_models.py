@@ -1,0 +1,119 @@
+"""Tiny real checkpoints written by the real libraries: Hugging Face `save_pretrained` safetensors directories
+and GGUF files written with gguf-py's GGUFWriter (llama.cpp's own writer)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from models import checkpoint
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def smollm_tokenizer():
+  """The default model's tokenizer (vocabulary 49152), to give tiny models a real vocabulary."""
+  _, tok, _ = checkpoint.read_gguf(checkpoint.default_model_path())
+  return tok
+
+
+def save_tiny_hf(path: pathlib.Path, arch: str, *, seed: int = 0, rope_scaling: dict | None = None):
+  """A randomly initialized 2-layer model of `arch` ("llama" or "qwen2") saved as safetensors."""
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+  if arch == "llama":
+    config = transformers.LlamaConfig(rope_theta=10000.0, rope_scaling=rope_scaling, **common)
+    model = transformers.LlamaForCausalLM(config)
+  else:
+    config = transformers.Qwen2Config(rope_theta=1000000.0, **common)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():  # random init leaves biases at zero; make them matter
+      for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+          proj.bias.normal_(0, 0.5)
+  model = model.float().eval()
+  model.save_pretrained(path, safe_serialization=True)
+  smollm_tokenizer().backend.save(str(path / "tokenizer.json"))
+  (path / "tokenizer_config.json").write_text(json.dumps(
+      {"chat_template": CHAT_TEMPLATE, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+  return model
+
+
+def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+  """llama.cpp's convert_hf_to_gguf permutation of Q/K rows (what the loader undoes)."""
+  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: pathlib.Path, torch_model, *, qtype: str = "F32", arch: str = "llama"):
+  """Writes a transformers Llama model as a GGUF file the way llama.cpp's converter does, with its 2-D weights
+  quantized to `qtype`. Returns the dequantized weights the file holds, by GGUF tensor name."""
+  import gguf
+
+  config = torch_model.config
+  tok = smollm_tokenizer()
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_block_count(config.num_hidden_layers)
+  writer.add_context_length(config.max_position_embeddings)
+  writer.add_embedding_length(config.hidden_size)
+  writer.add_feed_forward_length(config.intermediate_size)
+  writer.add_head_count(config.num_attention_heads)
+  writer.add_head_count_kv(config.num_key_value_heads)
+  writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
+  writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+  writer.add_vocab_size(config.vocab_size)
+  writer.add_tokenizer_model("gpt2")
+  vocab = tok.backend.get_vocab(with_added_tokens=True)
+  tokens = sorted(vocab, key=vocab.get)
+  writer.add_token_list(tokens)
+  writer.add_token_types([3 if i < 17 else 1 for i in range(len(tokens))])
+  model_json = json.loads(tok.backend.to_str())["model"]
+  writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model_json["merges"]])
+  writer.add_bos_token_id(1)
+  writer.add_eos_token_id(2)
+  writer.add_chat_template(CHAT_TEMPLATE)
+
+  names = {
+      "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+      "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+      "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+      "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+      "mlp.down_proj.weight": "ffn_down.weight",
+  }
+  stored = {}
+  for hf_name, tensor in torch_model.state_dict().items():
+    w = tensor.detach().float().numpy()
+    if hf_name == "model.embed_tokens.weight":
+      name = "token_embd.weight"
+    elif hf_name == "model.norm.weight":
+      name = "output_norm.weight"
+    elif hf_name == "lm_head.weight":
+      name = "output.weight"
+    else:
+      _, _, layer, rest = hf_name.split(".", 3)
+      name = f"blk.{layer}.{names[rest]}"
+      if rest == "self_attn.q_proj.weight":
+        w = _permute_rope(w, config.num_attention_heads)
+      elif rest == "self_attn.k_proj.weight":
+        w = _permute_rope(w, config.num_key_value_heads)
+    kind = gguf.GGMLQuantizationType[qtype] if w.ndim == 2 else gguf.GGMLQuantizationType.F32
+    if kind == gguf.GGMLQuantizationType.F32:
+      data = w
+    elif kind == gguf.GGMLQuantizationType.F16:
+      data = w.astype(np.float16)
+    else:
+      data = gguf.quants.quantize(w, kind)
+    writer.add_tensor(name, data, raw_dtype=kind)
+    stored[name] = gguf.quants.dequantize(data, kind) if kind not in (gguf.GGMLQuantizationType.F32,) else w
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return stored
