@@ -33,24 +33,23 @@ def _generate(graphdef, state, tokens, n_prompt, n_new, stop_ids, temperature, t
   tables = jnp.arange(c.num_layers * width, dtype=jnp.int32).reshape(c.num_layers, 1, width)
   x, kv = model.prefill(tokens[None], jnp.zeros((1,), jnp.int32), n_prompt[None], kv, tables)
   logits = model.logits(x[0, n_prompt - 1])[None]
-  key = jax.random.key(seed)
   knobs = (temperature[None], top_p[None], top_k[None])
 
   def step(carry):
-    i, kv, logits, key, out, _ = carry
-    key, sub = jax.random.split(key)
-    token = sample(logits, sub, *knobs)
+    i, kv, logits, out, _ = carry
+    position = (n_prompt + i)[None]
+    token = sample(logits, seed[None], position, *knobs)
     out = out.at[i].set(token[0])
     done = jnp.any(token[0] == stop_ids)
-    logits, kv, _ = model.decode(token, (n_prompt + i)[None], kv, tables, attention, tau[None])
-    return i + 1, kv, logits, key, out, done
+    logits, kv, _ = model.decode(token, position, kv, tables, attention, tau[None])
+    return i + 1, kv, logits, out, done
 
   def cond(carry):
     i, *_, done = carry
     return (i < n_new) & ~done
 
   out = jnp.full((max_new_tokens,), -1, jnp.int32)
-  n, *_, out, _ = jax.lax.while_loop(cond, step, (jnp.int32(0), kv, logits, key, out, jnp.bool_(False)))
+  n, *_, out, _ = jax.lax.while_loop(cond, step, (jnp.int32(0), kv, logits, out, jnp.bool_(False)))
   return out, n
 
 
@@ -86,6 +85,6 @@ def generate(
   graphdef, state = nnx.split(model)
   out, n = _generate(graphdef, state, tokens, jnp.int32(len(prompt)), jnp.int32(max_new_tokens),
                      jnp.asarray(stop, jnp.int32),
-                     jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k), jnp.float32(tau), seed,
+                     jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k), jnp.float32(tau), jnp.int32(seed),
                      attention=attention, max_new_tokens=_bucket(max_new_tokens, 1), block_size=block_size)
   return [int(x) for x in out[: int(n)]]

@@ -23,8 +23,9 @@ class PagedKV(NamedTuple):
 
   @classmethod
   def zeros(cls, kv_heads: int, num_pages: int, block_size: int, head_dim: int, dtype=jnp.bfloat16) -> "PagedKV":
-    pages = jnp.zeros((kv_heads, num_pages, block_size, head_dim), dtype)
-    return cls(pages, pages, BlockSummaries.zeros(kv_heads, num_pages, head_dim, dtype))
+    # Distinct buffers: the arena is donated, and one buffer may not be donated twice.
+    pages = lambda: jnp.zeros((kv_heads, num_pages, block_size, head_dim), dtype)
+    return cls(pages(), pages(), BlockSummaries.zeros(kv_heads, num_pages, head_dim, dtype))
 
   @property
   def block_size(self) -> int:

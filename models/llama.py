@@ -116,19 +116,21 @@ class Decoder(nnx.Module):
       block_tables: jax.Array,  # [L, B, M]
       attention,  # AttentionBackend
       tau: jax.Array | None = None,  # [B] per-sequence PSA threshold
+      active: jax.Array | None = None,  # [B] bool; inactive rows write nothing (batch padding, finished)
   ) -> tuple[jax.Array, PagedKV, jax.Array]:
     """One token per sequence: (logits [B, V] float32, new KV, blocks used [L, B, H])."""
     c = self.config
     b = tokens.shape[0]
     x = self.embed[...][tokens]  # [B, E]
     lengths = positions + 1
+    writes = jnp.ones_like(positions) if active is None else active.astype(positions.dtype)
 
     def layer(carry, xs):
       x, kv = carry
       w, table = xs
       h = rms_norm(x, w["attn_norm"], c.rms_eps)
       q, k, v = self._qkv(w, h, positions)
-      kv = write_tokens(kv, k[:, None], v[:, None], table, positions, jnp.ones_like(positions))
+      kv = write_tokens(kv, k[:, None], v[:, None], table, positions, writes)
       out, used = attention(q, kv.k, kv.v, table, lengths, kv.summaries, tau)
       x = x + out.reshape(b, -1).astype(x.dtype) @ w["wo"]
       return (self._mlp(w, x), kv), used

@@ -21,8 +21,8 @@ class BlockSummaries(NamedTuple):
 
   @classmethod
   def zeros(cls, kv_heads: int, num_pages: int, head_dim: int, dtype=jnp.bfloat16) -> "BlockSummaries":
-    z = jnp.zeros((kv_heads, num_pages, head_dim), dtype)
-    return cls(z, z, z)
+    z = lambda: jnp.zeros((kv_heads, num_pages, head_dim), dtype)  # distinct buffers, so each can be donated
+    return cls(z(), z(), z())
 
 
 def summarize_pages(k_pages: jax.Array, page_ids: jax.Array, num_tokens: jax.Array) -> BlockSummaries:

@@ -1,0 +1,100 @@
+"""The unified KV arena: one preallocated pool of pages shared by every layer and every sequence.
+
+The device side is a `PagedKV` (pages + block summaries). The host side is a free list and, per sequence, the
+pages it holds for each layer. Pages move between the free list and sequences only between decode windows;
+block tables are rebuilt from the host lists and uploaded as small int arrays.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+from models.kv_pages import PagedKV
+from serving.config import parse_memory
+
+
+def page_bytes(config: ModelConfig, block_size: int, dtype) -> int:
+  """Device bytes of one page: K and V tiles plus three summary rows, for all KV heads."""
+  item = jnp.dtype(dtype).itemsize
+  return config.num_kv_heads * config.head_dim * item * (2 * block_size + 3)
+
+
+def device_memory_bytes() -> int:
+  """Memory of the first device; on CPU, the machine's physical memory."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class ArenaFull(Exception):
+  """Not enough free pages for an allocation; nothing was allocated."""
+
+
+class KVArena:
+  def __init__(self, config: ModelConfig, *, num_pages: int, block_size: int, dtype):
+    if num_pages < config.num_layers:
+      raise ValueError(f"an arena of {num_pages} pages cannot hold one block for each of {config.num_layers} layers")
+    self.config = config
+    self.block_size = block_size
+    self.num_pages = num_pages
+    self.kv = PagedKV.zeros(config.num_kv_heads, num_pages, block_size, config.head_dim, dtype)
+    self._free = list(range(num_pages - 1, -1, -1))  # a stack: recently freed pages are reused first
+    self._pages: dict[int, list[list[int]]] = {}  # sequence id -> per layer, its pages in logical order
+
+  @classmethod
+  def from_budget(cls, config: ModelConfig, memory: str, *, block_size: int, dtype) -> "KVArena":
+    budget = parse_memory(memory, total=device_memory_bytes())
+    return cls(config, num_pages=budget // page_bytes(config, block_size, dtype), block_size=block_size, dtype=dtype)
+
+  @property
+  def free_pages(self) -> int:
+    return len(self._free)
+
+  @property
+  def used_pages(self) -> int:
+    return self.num_pages - len(self._free)
+
+  def blocks(self, seq_id: int) -> int:
+    pages = self._pages.get(seq_id)
+    return len(pages[0]) if pages else 0
+
+  def pages_needed(self, seq_id: int, tokens: int) -> int:
+    """Pages an `ensure(seq_id, tokens)` would take from the free list."""
+    blocks = -(-tokens // self.block_size)
+    return max(0, blocks - self.blocks(seq_id)) * self.config.num_layers
+
+  def ensure(self, seq_id: int, tokens: int) -> None:
+    """Grows the sequence's pages (in every layer) to hold `tokens` tokens, or raises ArenaFull."""
+    need = self.pages_needed(seq_id, tokens)
+    if need > len(self._free):
+      raise ArenaFull(f"sequence {seq_id} needs {need} pages, {len(self._free)} free")
+    pages = self._pages.setdefault(seq_id, [[] for _ in range(self.config.num_layers)])
+    per_layer = need // self.config.num_layers
+    for layer_pages in pages:
+      for _ in range(per_layer):
+        layer_pages.append(self._free.pop())
+
+  def release(self, seq_id: int) -> None:
+    for layer_pages in self._pages.pop(seq_id, []):
+      self._free.extend(reversed(layer_pages))
+
+  def block_tables(self, seq_ids: list[int | None], width: int) -> np.ndarray:
+    """[layers, len(seq_ids), width] int32; None rows (batch padding) and unused columns hold page 0."""
+    tables = np.zeros((self.config.num_layers, len(seq_ids), width), np.int32)
+    for row, seq_id in enumerate(seq_ids):
+      for layer, layer_pages in enumerate(self._pages.get(seq_id, ()) if seq_id is not None else ()):
+        tables[layer, row, : len(layer_pages)] = layer_pages[:width]
+    return tables
+
+  def check_whole(self) -> None:
+    """Every page is free or owned by exactly one sequence (the invariant tests check)."""
+    owned = [p for pages in self._pages.values() for layer in pages for p in layer]
+    everything = sorted(owned + self._free)
+    if everything != list(range(self.num_pages)):
+      raise AssertionError(f"arena pages lost or duplicated: {len(everything)} accounted for of {self.num_pages}")
