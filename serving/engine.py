@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 WAITING, PREFILLING, RUNNING, FINISHED = "waiting", "prefilling", "running", "finished"
 
 
+MIN_TABLE_WIDTH = 8  # blocks; coarse buckets keep the number of compiled shapes small
+
+
 def _bucket(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << max(0, n - 1).bit_length())
 
@@ -264,7 +267,7 @@ class Engine:
     span = _bucket(len(chunk), 16)
     tokens = np.zeros((1, span), np.int32)
     tokens[0, : len(chunk)] = chunk
-    width = _bucket(self.arena.blocks(request.id))
+    width = _bucket(self.arena.blocks(request.id), MIN_TABLE_WIDTH)
     self.arena.kv, token = steps.prefill_chunk(
         self._graphdef, self._state, self.arena.kv, jnp.asarray(self.arena.block_tables([request.id], width)),
         jnp.asarray(tokens), jnp.array([request.prefilled], jnp.int32), jnp.array([len(chunk)], jnp.int32),
@@ -294,7 +297,7 @@ class Engine:
     if not batch:
       return
     size = min(_bucket(len(batch)), _bucket(self.config.max_batch))
-    width = _bucket(max(self.arena.blocks(r.id) for r in batch))
+    width = _bucket(max(self.arena.blocks(r.id) for r in batch), MIN_TABLE_WIDTH)
     pad = size - len(batch)
     ids = [r.id for r in batch] + [None] * pad
     window = steps.WindowState(
