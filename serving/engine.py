@@ -37,7 +37,7 @@ from serving.config import EngineConfig, SamplingParams
 
 log = logging.getLogger(__name__)
 
-WAITING, PREFILLING, RUNNING, FINISHED = "waiting", "prefilling", "running", "finished"
+WAITING, PREFILLING, RUNNING, HELD, FINISHED = "waiting", "prefilling", "running", "held", "finished"
 
 
 MIN_TABLE_WIDTH = 8  # blocks; coarse buckets keep the number of compiled shapes small
@@ -100,6 +100,7 @@ class Engine:
     self.waiting: list[Request] = []
     self.prefilling: list[Request] = []
     self.running: list[Request] = []
+    self.held: list[Request] = []
     self._admitted_order: list[int] = []  # request ids, oldest first: preemption takes the newest
     self._kind_turn = 0
     self.telemetry: list[dict] = []  # one entry per decode window
@@ -145,13 +146,47 @@ class Engine:
       self._cancelled.add(request_id)
       self._wake.notify()
 
+  def hold(self, request: Request) -> None:
+    """Parks a running request: its KV stays in the arena, it stops decoding, and it can be forked. Cancel it
+    to free its pages."""
+    if request.state != RUNNING:
+      raise ValueError("only a running request can be held")
+    self.running.remove(request)
+    self._admitted_order.remove(request.id)
+    request.state = HELD
+    self.held.append(request)
+
+  def fork(self, request: Request, count: int, params: SamplingParams | None = None, *,
+           attention: str | None = None, tau: float | None = None) -> list[Request]:
+    """`count` new running requests that continue from `request`'s current state with their own copy of its
+    KV pages (parallel samples of one prompt without prefilling it again)."""
+    if request.state not in (RUNNING, HELD):
+      raise ValueError("only a running or held request can be forked")
+    if attention is not None and attention not in self._backends:
+      raise ValueError(f"attention must be one of {tuple(self._backends)}, got {attention!r}")
+    forks = []
+    for _ in range(count):
+      child = dataclasses.replace(
+          request, id=next(self._ids), params=params or request.params, listener=None, state=RUNNING,
+          attention=attention or request.attention, tau=request.tau if tau is None else tau,
+          output=list(request.output), done=threading.Event(), arrival=time.monotonic(),
+          first_token_at=time.monotonic())
+      self.arena.copy_sequence(request.id, child.id)
+      self.running.append(child)
+      self._admitted_order.append(child.id)
+      self.counters["requests"] += 1
+      forks.append(child)
+    return forks
+
   def has_work(self) -> bool:
+    """True while anything is queued, prefilling, decoding or waiting to be cancelled (held requests are
+    idle)."""
     with self._lock:
       return bool(self._incoming or self._cancelled or self.waiting or self.prefilling or self.running)
 
   def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
     self.arena.release(request.id)
-    for queue in (self.waiting, self.prefilling, self.running):
+    for queue in (self.waiting, self.prefilling, self.running, self.held):
       if request in queue:
         queue.remove(request)
     if request.id in self._admitted_order:
@@ -199,7 +234,8 @@ class Engine:
       incoming, self._incoming = self._incoming, []
       cancelled, self._cancelled = self._cancelled, set()
     self.waiting.extend(incoming)
-    for request in [r for q in (self.waiting, self.prefilling, self.running) for r in q if r.id in cancelled]:
+    for request in [r for q in (self.waiting, self.prefilling, self.running, self.held) for r in q
+                    if r.id in cancelled]:
       self._finish(request, "cancelled")
     self._admit()
     if self.prefilling:
@@ -223,6 +259,8 @@ class Engine:
 
   def _reset_arena(self):
     """The donated arena was lost with a failed call: start from an empty one, recomputing everyone."""
+    for request in list(self.held):
+      self._finish(request, "error", "its KV cache was lost with a failed device call")
     for request in list(self.prefilling) + list(self.running):
       self._preempt(request)
     old = self.arena
@@ -389,7 +427,7 @@ class Engine:
     with self._lock:
       self.waiting.extend(self._incoming)
       self._incoming = []
-    for request in list(self.waiting) + list(self.prefilling) + list(self.running):
+    for request in list(self.waiting) + list(self.prefilling) + list(self.running) + list(self.held):
       self._finish(request, "cancelled")
 
   def stats(self) -> dict:

@@ -1,0 +1,1 @@
+"""Benchmark studies; run them with `python -m psa_jax.bench`."""

@@ -1,0 +1,49 @@
+"""`python -m psa_jax.bench --study=...`: the benchmark studies. Flags become frozen configs at once.
+
+  --study=e2e     decode throughput / latency of the engine, dense vs top-k vs PSA (study 4)
+  --study=kernel  decode attention time against context on synthetic sparse inputs (study 1)
+Results: a table on stdout, a JSON file and PNG plots in --out_dir.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from absl import app, flags, logging
+
+from psa_jax.bench import e2e, kernel
+
+_STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "kernel"], "Which study to run.")
+_OUT = flags.DEFINE_string("out_dir", "bench_results", "Where JSON results and PNG plots go.")
+_MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
+_CONTEXTS = flags.DEFINE_list("contexts", None, "Context lengths (tokens).")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (e2e).")
+_ATTENTIONS = flags.DEFINE_list("attentions", ["dense", "topk", "psa"], "Attention kinds to compare.")
+_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 32, "Timed decode tokens per sequence (e2e).")
+_TAU = flags.DEFINE_float("psa_tau", 0.95, "PSA threshold.")
+_TOPK = flags.DEFINE_integer("topk_blocks", 32, "Top-k budget in blocks (besides sink and local).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight and KV dtype (e2e).")
+_IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"], "Kernel implementation (kernel study).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per point (kernel).")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
+  out = pathlib.Path(_OUT.value)
+  contexts = tuple(int(x) for x in _CONTEXTS.value) if _CONTEXTS.value else None
+  if _STUDY.value == "e2e":
+    config = e2e.E2EConfig(
+        model=_MODEL.value, contexts=contexts or e2e.E2EConfig.contexts,
+        batches=tuple(int(x) for x in _BATCHES.value), attentions=tuple(_ATTENTIONS.value),
+        decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, dtype=_DTYPE.value)
+    e2e.run(config, out)
+  else:
+    config = kernel.KernelConfig(
+        contexts=contexts or kernel.KernelConfig.contexts, attentions=tuple(_ATTENTIONS.value), psa_tau=_TAU.value,
+        topk_blocks=_TOPK.value, impl=_IMPL.value, repeats=_REPEATS.value)
+    kernel.run(config, out)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,95 @@
+"""Study 4, end to end: decode throughput and latency of the serving engine on the default model, dense against
+top-k against PSA, at several contexts and batch sizes, in one run.
+
+Each context is prefilled once (timed: TTFT and prefill tokens/s) and held; every (attention, batch) pair then
+decodes from copies of that KV (`Engine.fork`), so all pairs see the same cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax.numpy as jnp
+
+from models import checkpoint
+from psa_jax.bench import common
+from serving.config import EngineConfig, SamplingParams
+from serving.engine import Engine
+
+
+@dataclasses.dataclass(frozen=True)
+class E2EConfig:
+  model: str | None = None
+  contexts: tuple[int, ...] = (1024, 4096, 8192)
+  batches: tuple[int, ...] = (1, 8)
+  attentions: tuple[str, ...] = ("dense", "topk", "psa")
+  decode_steps: int = 32  # timed tokens per sequence, after one warm-up window
+  decode_window: int = 16
+  psa_tau: float = 0.95
+  topk_blocks: int = 32
+  dtype: str = "float32"
+  prefill_chunk: int = 512
+
+
+def run(config: E2EConfig, out_dir) -> list[dict]:
+  common.progress(f"loading {config.model or checkpoint.DEFAULT_MODEL}")
+  lm = checkpoint.load(config.model, dtype=jnp.dtype(config.dtype))
+  c = lm.model.config
+  longest = max(config.contexts) + config.decode_window * (2 + config.decode_steps // config.decode_window)
+  blocks = -(-longest // 16) + 1
+  num_pages = c.num_layers * blocks * (max(config.batches) + 1)
+  engine = Engine(lm.model, lm.tokenizer, EngineConfig(
+      attention="dense", psa_tau=config.psa_tau, topk_blocks=config.topk_blocks, max_batch=max(config.batches),
+      max_context=min(c.max_context, max(8192, longest)), decode_window=config.decode_window,
+      prefill_chunk=config.prefill_chunk), num_pages=num_pages)
+  text_ids = lm.tokenizer.encode(common.prose(60 * max(config.contexts)))
+  rows = []
+  for context in config.contexts:
+    prompt = text_ids[:context]
+    common.progress(f"prefilling {context} tokens")
+    base = engine.submit(prompt, SamplingParams(max_tokens=longest - context, stop_token_ids=()))
+    start = time.perf_counter()
+    while base.state != "running":
+      engine.step()
+    ttft = time.perf_counter() - start
+    engine.hold(base)
+    for attention in config.attentions:
+      for batch in config.batches:
+        common.progress(f"decoding: context {context}, {attention}, batch {batch}")
+        # max_tokens counts the parent's output too: leave room for the warm-up window and the timed steps.
+        params = SamplingParams(max_tokens=len(base.output) + config.decode_window + config.decode_steps + 1,
+                                stop_token_ids=())
+        forks = engine.fork(base, batch, params, attention=attention)
+        engine.step()  # warm-up window (compiles once per shape bucket)
+        first = engine.counters["generated_tokens"]
+        start = time.perf_counter()
+        while engine.counters["generated_tokens"] - first < batch * config.decode_steps:
+          if not any(f.state == "running" for f in forks):
+            raise RuntimeError("forks finished before the timed steps were done")
+          engine.step()
+        elapsed = time.perf_counter() - start
+        tokens = engine.counters["generated_tokens"] - first
+        share = engine.telemetry[-1]["blocks_share"]
+        for f in forks:
+          engine.cancel(f.id)
+        engine.step()
+        rows.append({
+            "context": context, "attention": attention, "batch": batch,
+            "ms_per_token": 1e3 * elapsed / (tokens / batch), "tokens_per_s": tokens / elapsed,
+            "kv_share_read": share, "ttft_s": ttft, "prefill_tok_per_s": context / ttft,
+        })
+        print(common.table(rows[-1:], list(rows[-1])), flush=True)
+    engine.cancel(base.id)
+    engine.step()
+  columns = ["context", "batch", "attention", "ms_per_token", "tokens_per_s", "kv_share_read", "ttft_s",
+             "prefill_tok_per_s"]
+  print("\n" + common.table(rows, columns))
+  common.save(out_dir, "e2e", rows, {"config": dataclasses.asdict(config)})
+  for batch in config.batches:
+    series = {a: ([r["context"] for r in rows if r["attention"] == a and r["batch"] == batch],
+                  [r["tokens_per_s"] for r in rows if r["attention"] == a and r["batch"] == batch])
+              for a in config.attentions}
+    common.plot(out_dir / f"e2e_batch{batch}.png", f"Decode throughput, batch {batch} ({common.machine()[:40]})",
+                "context (tokens)", "tokens / s", series, logx=True)
+  return rows
