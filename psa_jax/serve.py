@@ -38,12 +38,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import jax
   import jax.numpy as jnp
-  import uvicorn
 
   from models import checkpoint
   from serving.config import EngineConfig
   from serving.engine import Engine
-  from serving.http import create_app
+  from serving.http import serve
 
   dtype = _DTYPE.value
   if dtype == "auto":
@@ -62,8 +61,7 @@ def main(argv):
   name = _NAME.value or (_MODEL.value or checkpoint.DEFAULT_MODEL)
   print(f"psa_jax: KV arena of {engine.arena.num_pages} pages ({config.attention} attention); "
         f"serving {name!r} on http://{_HOST.value}:{_PORT.value}", file=sys.stderr, flush=True)
-  uvicorn.run(create_app(engine, name, drain_timeout=_DRAIN.value), host=_HOST.value, port=_PORT.value,
-              log_level="warning", timeout_graceful_shutdown=int(_DRAIN.value) + 5)
+  serve(engine, name, host=_HOST.value, port=_PORT.value, drain_timeout=_DRAIN.value)
 
 
 if __name__ == "__main__":

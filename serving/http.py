@@ -362,3 +362,24 @@ def _final_text(stream: TextStream) -> str:
     if at >= 0:
       text = text[:at]
   return text
+
+
+def serve(engine: Engine, model_name: str, *, host: str, port: int, drain_timeout: float) -> None:
+  """Runs the app under uvicorn until SIGINT/SIGTERM.
+
+  On the signal the engine drains first (in-flight requests get `drain_timeout` seconds to finish, the rest are
+  cancelled and their streams closed properly with [DONE]), so that uvicorn's own graceful shutdown, which
+  waits for open connections, finds them ending instead of cutting them off.
+  """
+  import threading
+
+  import uvicorn
+
+  class Server(uvicorn.Server):
+    def handle_exit(self, sig, frame):
+      threading.Thread(target=engine.stop, kwargs={"drain_timeout": drain_timeout}, daemon=True).start()
+      super().handle_exit(sig, frame)
+
+  config = uvicorn.Config(create_app(engine, model_name, drain_timeout=drain_timeout), host=host, port=port,
+                          log_level="warning", timeout_graceful_shutdown=int(drain_timeout) + 5)
+  Server(config).run()
