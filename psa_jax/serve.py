@@ -21,8 +21,9 @@ _ATTENTION = flags.DEFINE_enum("attention", "psa", ["dense", "topk", "psa"], "De
 _TAU = flags.DEFINE_float("psa_tau", 0.95, "PSA threshold: share of the estimated attention mass to gather.")
 _TOPK = flags.DEFINE_integer("topk_blocks", 32, "Top-k budget in blocks, besides the sink and local blocks.")
 _BLOCK = flags.DEFINE_integer("block_size", 16, "KV block (page) size in tokens.")
-_KV_MEMORY = flags.DEFINE_string("kv_memory", "0.25", "KV arena size: bytes ('2GiB') or a share of device memory "
-                                 "('0.25').")
+_KV_MEMORY = flags.DEFINE_string("kv_memory", "auto", "KV arena size: bytes ('2GiB'), a share of device memory "
+                                 "('0.25'), or auto: 0.25 of an accelerator's memory, 2GiB on CPU (host memory is "
+                                 "shared with everything else).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Sequences decoding together.")
 _MAX_CONTEXT = flags.DEFINE_integer("max_context", None, "Longest prompt + output (default: the model's).")
 _WINDOW = flags.DEFINE_integer("decode_window", 16, "Decode steps on device between host reads.")
@@ -52,9 +53,12 @@ def main(argv):
     loaded = checkpoint.load(_MODEL.value, dtype=jnp.dtype(dtype))
   except checkpoint.CheckpointError as e:
     raise SystemExit(f"psa_jax: {e}") from None
+  kv_memory = _KV_MEMORY.value
+  if kv_memory == "auto":
+    kv_memory = "2GiB" if jax.default_backend() == "cpu" else "0.25"
   config = EngineConfig(
       attention=_ATTENTION.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, block_size=_BLOCK.value,
-      kv_memory=_KV_MEMORY.value, max_batch=_MAX_BATCH.value,
+      kv_memory=kv_memory, max_batch=_MAX_BATCH.value,
       max_context=_MAX_CONTEXT.value or loaded.model.config.max_context, decode_window=_WINDOW.value,
       prefill_chunk=_PREFILL_CHUNK.value)
   engine = Engine(loaded.model, loaded.tokenizer, config)
