@@ -87,8 +87,13 @@ class Decoder(nnx.Module):
       block_tables: jax.Array,  # [L, B, M]
       *,
       query_chunk: int = 512,
-  ) -> tuple[jax.Array, PagedKV]:
-    """Writes the span's KV and returns the hidden state after the last layer [B, T, E] and the new KV."""
+      collect_qkv: bool = False,
+  ):
+    """Writes the span's KV and returns the hidden state after the last layer [B, T, E] and the new KV.
+
+    collect_qkv: also return every layer's post-RoPE (q [L, B, T, Hq, D], k, v [L, B, T, H, D]), for studies of
+    real attention.
+    """
     c = self.config
     b, t = tokens.shape
     positions = start[:, None] + jnp.arange(t)[None, :]
@@ -103,10 +108,10 @@ class Decoder(nnx.Module):
       attn = _causal_context_attention(q, gather_context(kv.k, table), gather_context(kv.v, table), positions,
                                         query_chunk)
       x = x + attn.reshape(b, t, -1).astype(x.dtype) @ w["wo"]
-      return (self._mlp(w, x), kv), None
+      return (self._mlp(w, x), kv), (q, k, v) if collect_qkv else None
 
-    (x, kv), _ = jax.lax.scan(layer, (x, kv), (self._layers(), block_tables))
-    return x, kv
+    (x, kv), qkv = jax.lax.scan(layer, (x, kv), (self._layers(), block_tables))
+    return (x, kv, qkv) if collect_qkv else (x, kv)
 
   def decode(
       self,

@@ -90,6 +90,10 @@ def progressive_loop(
         # gathered >= tau * (gathered + remaining), in logs: the true gathered mass is l * exp(m).
         log_rem = load_log_remaining(jnp.minimum(visited, num_order_slots - 1))
         enough = jnp.log(l_new) + m_new + jnp.log1p(-tau) >= jnp.log(tau) + log_rem
+      elif estimator == "estimate":
+        # Top-p on estimates alone: the share of estimated mass not yet visited is at most 1 - tau.
+        log_rem = load_log_remaining(jnp.minimum(visited, num_order_slots - 1))
+        enough = jnp.where(visited >= n_valid, True, log_rem - load_log_remaining(0) <= jnp.log1p(-tau))
       elif estimator == "last_chunk":
         blocks_in_chunk = (visited - start).astype(jnp.float32)
         blocks_left = (n_valid - visited).astype(jnp.float32)

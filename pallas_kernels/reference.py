@@ -80,6 +80,10 @@ def ordered_attention_reference(
     if estimator == "score_mass":
       rem = take(plan.log_remaining[..., :g, :], jnp.broadcast_to(jnp.minimum(ends, m - 1), (b, h, n_chunks)))
       enough = jnp.log(gathered) + gmax[..., None] + jnp.log1p(-tau_) >= jnp.log(tau_) + rem
+    elif estimator == "estimate":
+      rem = take(plan.log_remaining[..., :g, :], jnp.broadcast_to(jnp.minimum(ends, m - 1), (b, h, n_chunks)))
+      n = num_blocks(lengths, s)[:, None, None, None]
+      enough = (ends[:, :, None, :] >= n) | (rem - plan.log_remaining[..., :g, :1] <= jnp.log1p(-tau_))
     elif estimator == "last_chunk":
       before = take(gathered_upto, jnp.broadcast_to(starts, (b, h, n_chunks)))
       n = num_blocks(lengths, s)[:, None, None, None]

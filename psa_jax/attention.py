@@ -145,7 +145,7 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
     info = jnp.stack([lengths, limit, n_forced, jnp.zeros_like(n)], axis=1)
     args = (qg, k_pages, v_pages, block_table,
             None if plan is None else plan.order,
-            plan.log_remaining if estimator == "score_mass" else None,
+            plan.log_remaining if estimator in ("score_mass", "estimate") else None,
             info, tau)
     kwargs = dict(group=group, chunk_blocks=chunk, sm_scale=sm_scale, estimator=estimator)
     if impl == "pallas":

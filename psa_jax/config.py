@@ -10,11 +10,11 @@ import dataclasses
 from typing import Literal
 
 ScoreKind = Literal["mean", "minmax"]
-Estimator = Literal["score_mass", "last_chunk"]
+Estimator = Literal["score_mass", "last_chunk", "estimate"]
 Impl = Literal["auto", "pallas", "xla", "reference"]
 
 SCORE_KINDS = ("mean", "minmax")
-ESTIMATORS = ("score_mass", "last_chunk")
+ESTIMATORS = ("score_mass", "last_chunk", "estimate")
 IMPLS = ("auto", "pallas", "xla", "reference")
 
 
@@ -78,6 +78,9 @@ class PSAConfig:
     "score_mass": from the block scores, sum over unvisited blocks of n_tokens * exp(score).
     "last_chunk": the mean mass per block of the chunk just visited, times the blocks left. Blocks come in
       descending criticality, so the last chunk is an upper estimate of what each remaining block holds.
+    "estimate": never looks at exact masses; stops once the visited blocks hold `tau` of the *estimated*
+      mass. This is the Twilight-style top-p baseline (select by estimate, prune to the smallest set reaching p),
+      kept beside PSA so the two are compared on the same machinery.
   score: the block summary behind the criticality ("mean": q . mean_k; "minmax": Quest's upper bound).
   tau = 1.0 visits every block and equals dense attention.
   """

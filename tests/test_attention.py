@@ -27,7 +27,7 @@ def dense_oracle(x):
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
-@pytest.mark.parametrize("estimator", ["score_mass", "last_chunk"])
+@pytest.mark.parametrize("estimator", ["score_mass", "last_chunk", "estimate"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_psa_with_tau_one_equals_dense(impl, estimator, dtype):
   x = inputs(dtype=dtype)
@@ -64,7 +64,8 @@ def test_dense_oracle_is_plain_softmax_over_contiguous_keys():
     PSAConfig(tau=0.5, estimator="last_chunk", chunk_blocks=1),
     PSAConfig(tau=0.8, score="minmax", chunk_blocks=2, sink_blocks=0, local_blocks=2),
     PSAConfig(tau=0.99, max_blocks=3, chunk_blocks=2),
-], ids=["score_mass", "last_chunk", "minmax", "capped"])
+    PSAConfig(tau=0.7, estimator="estimate", chunk_blocks=1),
+], ids=["score_mass", "last_chunk", "minmax", "capped", "top_p_estimate"])
 def test_psa_matches_oracle(impl, dtype, config):
   x = inputs(group=3, dtype=dtype, seed=1)
   out, used = psa_attention(*x, config, impl=impl)

@@ -15,7 +15,7 @@ TAUS = (0.3, 0.6, 0.8, 0.95, 1.0)
     seed=st.integers(0, 10_000),
     lengths=st.lists(st.integers(1, 160), min_size=1, max_size=3),
     max_blocks=st.one_of(st.none(), st.integers(0, 12)),
-    estimator=st.sampled_from(["score_mass", "last_chunk"]),
+    estimator=st.sampled_from(["score_mass", "last_chunk", "estimate"]),
     chunk_blocks=st.sampled_from([1, 2, 4]),
 )
 def test_error_bound_shrinks_as_tau_grows_and_budget_holds(seed, lengths, max_blocks, estimator, chunk_blocks):

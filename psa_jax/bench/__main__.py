@@ -2,6 +2,7 @@
 
   --study=e2e     decode throughput / latency of the engine, dense vs top-k vs PSA (study 4)
   --study=kernel  decode attention time against context on synthetic sparse inputs (study 1)
+  --study=fidelity  output error against KV blocks read on the default model's real q/k/v (study 2)
 Results: a table on stdout, a JSON file and PNG plots in --out_dir.
 """
 
@@ -11,9 +12,9 @@ import pathlib
 
 from absl import app, flags, logging
 
-from psa_jax.bench import e2e, kernel
+from psa_jax.bench import e2e, fidelity, kernel
 
-_STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "kernel"], "Which study to run.")
+_STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "kernel", "fidelity"], "Which study to run.")
 _OUT = flags.DEFINE_string("out_dir", "bench_results", "Where JSON results and PNG plots go.")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
 _CONTEXTS = flags.DEFINE_list("contexts", None, "Context lengths (tokens).")
@@ -38,6 +39,9 @@ def main(argv):
         batches=tuple(int(x) for x in _BATCHES.value), attentions=tuple(_ATTENTIONS.value),
         decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, dtype=_DTYPE.value)
     e2e.run(config, out)
+  elif _STUDY.value == "fidelity":
+    config = fidelity.FidelityConfig(model=_MODEL.value, context=int(contexts[0]) if contexts else 4096)
+    fidelity.run(config, out)
   else:
     config = kernel.KernelConfig(
         contexts=contexts or kernel.KernelConfig.contexts, attentions=tuple(_ATTENTIONS.value), psa_tau=_TAU.value,
