@@ -22,6 +22,8 @@ from models.kv_pages import PagedKV, gather_context, write_tokens
 from models.rope import apply_rope, inverse_frequencies
 
 LAYER_WEIGHTS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+MATMUL_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+QUANTIZABLE = MATMUL_WEIGHTS + ("embed", "lm_head")  # int8 with per-channel scales, see models/quantize.py
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -51,32 +53,59 @@ class Decoder(nnx.Module):
     self.final_norm = ones(e)
     self.lm_head = None if c.tie_embeddings else normal(e, c.vocab_size)
     self.inv_freq = nnx.Variable(jnp.asarray(inverse_frequencies(c)))
+    # Per-output-channel scales of int8 weights (models/quantize.py); None while the weights are floats.
+    for name in QUANTIZABLE:
+      setattr(self, f"{name}_scale", nnx.data(None))
 
   @property
   def dtype(self):
-    return self.embed[...].dtype
+    """The compute, activation and KV dtype (norm weights are never quantized)."""
+    return self.final_norm[...].dtype
+
+  def _scale(self, name):
+    scale = getattr(self, f"{name}_scale")
+    return None if scale is None else scale[...]
 
   def _layers(self):
-    return {name: getattr(self, name)[...] for name in LAYER_WEIGHTS}
+    weights = {name: getattr(self, name)[...] for name in LAYER_WEIGHTS}
+    weights.update({f"{name}_scale": self._scale(name) for name in MATMUL_WEIGHTS})
+    return weights
+
+  @staticmethod
+  def _mm(h, w, name):
+    """h @ w[name], dequantizing int8 weights on the fly (per-output-channel scale)."""
+    scale = w[f"{name}_scale"]
+    if scale is None:
+      return h @ w[name]
+    return (h @ w[name].astype(h.dtype)) * scale
 
   def _qkv(self, w, h, positions):
     c = self.config
     lead = h.shape[:-1]
-    q = (h @ w["wq"] + w["bq"]).reshape(*lead, c.num_heads, c.head_dim)
-    k = (h @ w["wk"] + w["bk"]).reshape(*lead, c.num_kv_heads, c.head_dim)
-    v = (h @ w["wv"] + w["bv"]).reshape(*lead, c.num_kv_heads, c.head_dim)
+    q = (self._mm(h, w, "wq") + w["bq"]).reshape(*lead, c.num_heads, c.head_dim)
+    k = (self._mm(h, w, "wk") + w["bk"]).reshape(*lead, c.num_kv_heads, c.head_dim)
+    v = (self._mm(h, w, "wv") + w["bv"]).reshape(*lead, c.num_kv_heads, c.head_dim)
     inv = self.inv_freq[...]
     return apply_rope(q, positions, inv), apply_rope(k, positions, inv), v
 
   def _mlp(self, w, x):
     h = rms_norm(x, w["mlp_norm"], self.config.rms_eps)
-    return x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
+    return x + self._mm(jax.nn.silu(self._mm(h, w, "w_gate")) * self._mm(h, w, "w_up"), w, "w_down")
+
+  def _embed(self, tokens):
+    x = self.embed[...][tokens].astype(self.dtype)
+    scale = self._scale("embed")
+    return x if scale is None else x * scale[tokens][..., None]
 
   def logits(self, x: jax.Array) -> jax.Array:
     """[..., E] -> [..., V] float32."""
     h = rms_norm(x, self.final_norm[...], self.config.rms_eps)
-    head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    return jnp.dot(h, head, preferred_element_type=jnp.float32)
+    if self.lm_head is None:
+      head, scale = self.embed[...].T, self._scale("embed")
+    else:
+      head, scale = self.lm_head[...], self._scale("lm_head")
+    out = jnp.dot(h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+    return out if scale is None else out * scale
 
   def prefill(
       self,
@@ -97,7 +126,7 @@ class Decoder(nnx.Module):
     c = self.config
     b, t = tokens.shape
     positions = start[:, None] + jnp.arange(t)[None, :]
-    x = self.embed[...][tokens]
+    x = self._embed(tokens)
 
     def layer(carry, xs):
       x, kv = carry
@@ -107,7 +136,7 @@ class Decoder(nnx.Module):
       kv = write_tokens(kv, k, v, table, start, num)
       attn = _causal_context_attention(q, gather_context(kv.k, table), gather_context(kv.v, table), positions,
                                         query_chunk)
-      x = x + attn.reshape(b, t, -1).astype(x.dtype) @ w["wo"]
+      x = x + self._mm(attn.reshape(b, t, -1).astype(x.dtype), w, "wo")
       return (self._mlp(w, x), kv), (q, k, v) if collect_qkv else None
 
     (x, kv), qkv = jax.lax.scan(layer, (x, kv), (self._layers(), block_tables))
@@ -126,7 +155,7 @@ class Decoder(nnx.Module):
     """One token per sequence: (logits [B, V] float32, new KV, blocks used [L, B, H])."""
     c = self.config
     b = tokens.shape[0]
-    x = self.embed[...][tokens]  # [B, E]
+    x = self._embed(tokens)  # [B, E]
     lengths = positions + 1
     writes = jnp.ones_like(positions) if active is None else active.astype(positions.dtype)
 
@@ -137,7 +166,7 @@ class Decoder(nnx.Module):
       q, k, v = self._qkv(w, h, positions)
       kv = write_tokens(kv, k[:, None], v[:, None], table, positions, writes)
       out, used = attention(q, kv.k, kv.v, table, lengths, kv.summaries, tau)
-      x = x + out.reshape(b, -1).astype(x.dtype) @ w["wo"]
+      x = x + self._mm(out.reshape(b, -1).astype(x.dtype), w, "wo")
       return (self._mlp(w, x), kv), used
 
     (x, kv), used = jax.lax.scan(layer, (x, kv), (self._layers(), block_tables))

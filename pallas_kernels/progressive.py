@@ -199,12 +199,80 @@ def progressive_attention_pallas(
   return out, used[..., 0]
 
 
+def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, log_rem, *, group, block_size,
+               chunk_blocks, chunks_per_step, sm_scale, estimator):
+  """`progressive_loop` for the XLA path, `chunks_per_step` chunks per iteration.
+
+  On a CPU each loop iteration has a fixed cost that dwarfs a 4-block chunk's arithmetic, so one iteration
+  computes several chunks at once and then replays the stopping rule at each chunk boundary inside it, keeping
+  only the chunks up to the first boundary where the rule fires. The blocks counted as visited, and so the
+  output, are those of the one-chunk loop; the extra chunks are computed and dropped.
+  Arrays are one (sequence, KV head): order [M], table [M], pages [P, S, D], log_rem [Gp, M].
+  """
+  gp, d = q.shape
+  c, s, g = chunk_blocks, block_size, chunks_per_step
+  m_slots = order.shape[0]
+  head_ok = jnp.arange(gp) < group
+  n_valid = (length + s - 1) // s
+  sub = jnp.arange(g)
+
+  def body(carry):
+    i, o, m, l, _, _ = carry
+    start = i * c * g
+    position = start + jnp.arange(g * c)
+    in_budget = position < limit
+    logical = jnp.where(in_budget, order[jnp.minimum(position, m_slots - 1)], 0)
+    pages = jnp.where(in_budget, table[logical], 0)
+    k = k_pages[pages].reshape(g * c * s, d)
+    v = v_pages[pages].reshape(g * c * s, d)
+    token = logical[:, None] * s + jnp.arange(s)[None, :]
+    token_ok = (in_budget[:, None] & (token < length)).reshape(1, g * c * s)
+    logits = jnp.where(token_ok, _dot_t(q, k) * sm_scale, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+    correction = jnp.exp(m - m_new)
+    p = jnp.where(token_ok, jnp.exp(logits - m_new[:, None]), 0.0)  # [Gp, g*C*S]
+    chunk_mass = p.reshape(gp, g, c * s).sum(-1)  # [Gp, g]
+    gathered = l[:, None] * correction[:, None] + jnp.cumsum(chunk_mass, axis=-1)  # after each chunk
+    ends = jnp.minimum(start + (sub + 1) * c, limit)  # [g] blocks visited after each chunk
+    begins = jnp.minimum(start + sub * c, limit)
+    stop = ends >= limit
+    if estimator is not None:
+      tau_ = tau
+      if estimator == "score_mass":
+        rem = log_rem[:, jnp.minimum(ends, m_slots - 1)]
+        enough = jnp.log(gathered) + m_new[:, None] + jnp.log1p(-tau_) >= jnp.log(tau_) + rem
+      elif estimator == "estimate":
+        rem = log_rem[:, jnp.minimum(ends, m_slots - 1)]
+        enough = (ends >= n_valid)[None] | (rem - log_rem[:, :1] <= jnp.log1p(-tau_))
+      elif estimator == "last_chunk":
+        enough = (gathered * (1.0 - tau_) * (ends - begins).astype(jnp.float32)
+                  >= tau_ * chunk_mass * (n_valid - ends).astype(jnp.float32))
+      else:
+        raise ValueError(f"unknown estimator {estimator!r}")
+      all_enough = jnp.all(enough | ~head_ok[:, None], axis=0)
+      stop = stop | ((tau < 1.0) & (ends >= n_forced) & all_enough)
+    stop = stop & (begins < limit)  # chunks past the budget never ran
+    done = jnp.any(stop)
+    last = jnp.where(done, jnp.argmax(stop), g - 1)
+    keep = (jnp.repeat(sub, c * s) <= last)[None, :]
+    precision = lax.Precision.HIGHEST if v.dtype == jnp.float32 else None
+    o_new = o * correction[:, None] + jnp.dot(jnp.where(keep, p, 0.0).astype(v.dtype), v,
+                                              preferred_element_type=jnp.float32, precision=precision)
+    return i + 1, o_new, m_new, gathered[:, last], ends[last], done
+
+  init = (jnp.int32(0), jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32),
+          jnp.zeros((gp,), jnp.float32), jnp.int32(0), limit <= 0)
+  _, o, _, l, visited, _ = lax.while_loop(lambda carry: jnp.logical_not(carry[-1]), body, init)
+  o = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+  return o, visited
+
+
 def progressive_attention_xla(
     q, k_pages, v_pages, block_table, order, log_remaining, info, tau, *, group, chunk_blocks, sm_scale,
-    estimator,
+    estimator, chunks_per_step: int = 8,
 ) -> tuple[jax.Array, jax.Array]:
-  """The same loop as plain XLA ops, vmapped over (sequence, KV head): the CPU path. Same signature and
-  results as `progressive_attention_pallas`."""
+  """The same decisions as plain XLA ops, vmapped over (sequence, KV head): the CPU path. Same signature and
+  results as `progressive_attention_pallas`; `chunks_per_step` chunks are computed per loop iteration."""
   b, h, gp, d = q.shape
   s = k_pages.shape[2]
   m = block_table.shape[1]
@@ -214,14 +282,9 @@ def progressive_attention_xla(
     log_remaining = jnp.zeros((b, h, 1, 1), jnp.float32)  # unread placeholder, vmapped like the real one
 
   def one(q_bh, k_h, v_h, table_b, order_bh, log_rem_bh, info_b, tau_b):
-    return progressive_loop(
-        q_bh, info_b[LENGTH], info_b[LIMIT], info_b[N_FORCED], tau_b,
-        load_order=lambda start: lax.dynamic_slice_in_dim(order_bh, start, chunk_blocks),
-        load_pages=lambda logical: table_b[logical],
-        load_kv=lambda pages: (k_h[pages], v_h[pages]),
-        load_log_remaining=lambda i: lax.dynamic_index_in_dim(log_rem_bh, i, axis=-1, keepdims=False),
-        group=group, block_size=s, chunk_blocks=chunk_blocks, num_order_slots=m, sm_scale=sm_scale,
-        estimator=estimator)
+    return _wide_loop(q_bh, info_b[LENGTH], info_b[LIMIT], info_b[N_FORCED], tau_b, order_bh, table_b, k_h, v_h,
+                      log_rem_bh, group=group, block_size=s, chunk_blocks=chunk_blocks,
+                      chunks_per_step=chunks_per_step, sm_scale=sm_scale, estimator=estimator)
 
   over_heads = jax.vmap(one, in_axes=(0, 0, 0, None, 0, 0, None, None))
   over_batch = jax.vmap(over_heads, in_axes=(0, None, None, 0, 0, 0, 0, 0))

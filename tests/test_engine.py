@@ -206,3 +206,47 @@ def test_decode_window_updates_the_arena_in_place(model):
   assert any(" scatter(" in line for line in arena_lines)  # the pages are written...
   copies = [line for line in arena_lines if " copy(" in line]
   assert not copies, copies[:3]  # ...and never copied
+
+
+def test_forked_requests_continue_exactly_like_their_parent(model):
+  eng = engine(model)
+  base = eng.submit(prompts(1, seed=13, lo=40, hi=40)[0], SamplingParams(max_tokens=60, stop_token_ids=()))
+  while base.state != "running":
+    eng.step()
+  eng.hold(base)
+  children = eng.fork(base, 3, SamplingParams(max_tokens=len(base.output) + 20, stop_token_ids=()))
+  eng.run_until_idle()
+  expected = generate(model, base.prompt, max_new_tokens=len(base.output) + 20, stop_ids=())
+  assert all(c.output == expected for c in children)
+  eng.cancel(base.id)
+  eng.run_until_idle()
+  assert eng.arena.free_pages == eng.arena.num_pages
+
+
+def test_prefill_can_return_the_post_rope_keys_it_writes(model):
+  from models.kv_pages import PagedKV, gather_context
+  c = TINY
+  tokens = jnp.asarray([prompts(1, seed=14, lo=40, hi=40)[0]])
+  kv = PagedKV.zeros(c.num_kv_heads, 2 * 3, 16, c.head_dim, jnp.float32)
+  tables = jnp.arange(6, dtype=jnp.int32).reshape(2, 1, 3)
+  _, kv, (q, k, v) = model.prefill(tokens, jnp.zeros(1, jnp.int32), jnp.array([40]), kv, tables, collect_qkv=True)
+  assert q.shape == (2, 1, 40, 4, 16) and k.shape == (2, 1, 40, 2, 16)
+  for layer in range(2):
+    stored = gather_context(kv.k, tables[layer])[0, :, :40]  # [H, T, D]
+    np.testing.assert_array_equal(stored, jnp.moveaxis(k[layer, 0], 1, 0))
+
+
+def test_int8_weights_stay_close_to_float_and_serve(model):
+  from models.kv_pages import PagedKV
+  from models.quantize import quantize_int8
+  q8 = quantize_int8(model)
+  assert q8.wq[...].dtype == jnp.int8 and q8.embed[...].dtype == jnp.int8 and q8.dtype == jnp.float32
+  assert model.wq[...].dtype == jnp.float32  # the float model is untouched
+  tokens = jnp.asarray([prompts(1, seed=15, lo=30, hi=30)[0]])
+  kv = PagedKV.zeros(2, 4, 16, 16, jnp.float32)
+  tables = jnp.arange(4, dtype=jnp.int32).reshape(2, 1, 2)
+  run = lambda m: m.logits(m.prefill(tokens, jnp.zeros(1, jnp.int32), jnp.array([30]), kv, tables)[0][0, -1])
+  ref, got = np.asarray(run(model)), np.asarray(run(q8))
+  assert np.abs(got - ref).max() / np.abs(ref).max() < 0.05
+  out = engine(q8).generate(prompts(2, seed=16), SamplingParams(max_tokens=8))
+  assert out == [generate(q8, p, max_new_tokens=8) for p in prompts(2, seed=16)]

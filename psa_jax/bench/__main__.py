@@ -24,6 +24,7 @@ _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 32, "Timed decode tokens pe
 _TAU = flags.DEFINE_float("psa_tau", 0.95, "PSA threshold.")
 _TOPK = flags.DEFINE_integer("topk_blocks", 32, "Top-k budget in blocks (besides sink and local).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight and KV dtype (e2e).")
+_WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"], "Weight format (e2e).")
 _IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"], "Kernel implementation (kernel study).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per point (kernel).")
 
@@ -37,7 +38,8 @@ def main(argv):
     config = e2e.E2EConfig(
         model=_MODEL.value, contexts=contexts or e2e.E2EConfig.contexts,
         batches=tuple(int(x) for x in _BATCHES.value), attentions=tuple(_ATTENTIONS.value),
-        decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, dtype=_DTYPE.value)
+        decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, dtype=_DTYPE.value,
+        weights=_WEIGHTS.value)
     e2e.run(config, out)
   elif _STUDY.value == "fidelity":
     config = fidelity.FidelityConfig(model=_MODEL.value, context=int(contexts[0]) if contexts else 4096)

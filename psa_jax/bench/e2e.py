@@ -29,26 +29,32 @@ class E2EConfig:
   psa_tau: float = 0.95
   topk_blocks: int = 32
   dtype: str = "float32"
+  weights: str = "float"  # or "int8" (models/quantize.py)
   prefill_chunk: int = 512
 
 
 def run(config: E2EConfig, out_dir) -> list[dict]:
   common.progress(f"loading {config.model or checkpoint.DEFAULT_MODEL}")
   lm = checkpoint.load(config.model, dtype=jnp.dtype(config.dtype))
-  c = lm.model.config
-  longest = max(config.contexts) + config.decode_window * (2 + config.decode_steps // config.decode_window)
+  model = lm.model
+  if config.weights == "int8":
+    from models.quantize import quantize_int8
+    model = quantize_int8(model)
+  c = model.config
+  extra = 2 * config.decode_window + config.decode_steps + 16  # tokens decoded on top of a context
+  longest = min(max(config.contexts) + extra, c.max_context)
   blocks = -(-longest // 16) + 1
   num_pages = c.num_layers * blocks * (max(config.batches) + 1)
-  engine = Engine(lm.model, lm.tokenizer, EngineConfig(
+  engine = Engine(model, lm.tokenizer, EngineConfig(
       attention="dense", psa_tau=config.psa_tau, topk_blocks=config.topk_blocks, max_batch=max(config.batches),
-      max_context=min(c.max_context, max(8192, longest)), decode_window=config.decode_window,
+      max_context=c.max_context, decode_window=config.decode_window,
       prefill_chunk=config.prefill_chunk), num_pages=num_pages)
   text_ids = lm.tokenizer.encode(common.prose(60 * max(config.contexts)))
   rows = []
   for context in config.contexts:
-    prompt = text_ids[:context]
-    common.progress(f"prefilling {context} tokens")
-    base = engine.submit(prompt, SamplingParams(max_tokens=longest - context, stop_token_ids=()))
+    prompt = text_ids[: min(context, c.max_context - extra)]  # the model's full context leaves room to decode
+    common.progress(f"prefilling {len(prompt)} tokens")
+    base = engine.submit(prompt, SamplingParams(max_tokens=extra, stop_token_ids=()))
     start = time.perf_counter()
     while base.state != "running":
       engine.step()
@@ -75,21 +81,22 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
           engine.cancel(f.id)
         engine.step()
         rows.append({
-            "context": context, "attention": attention, "batch": batch,
+            "weights": config.weights, "context": context, "attention": attention, "batch": batch,
             "ms_per_token": 1e3 * elapsed / (tokens / batch), "tokens_per_s": tokens / elapsed,
-            "kv_share_read": share, "ttft_s": ttft, "prefill_tok_per_s": context / ttft,
+            "kv_share_read": share, "ttft_s": ttft, "prefill_tok_per_s": len(prompt) / ttft,
         })
         print(common.table(rows[-1:], list(rows[-1])), flush=True)
     engine.cancel(base.id)
     engine.step()
-  columns = ["context", "batch", "attention", "ms_per_token", "tokens_per_s", "kv_share_read", "ttft_s",
+  columns = ["weights", "context", "batch", "attention", "ms_per_token", "tokens_per_s", "kv_share_read", "ttft_s",
              "prefill_tok_per_s"]
   print("\n" + common.table(rows, columns))
-  common.save(out_dir, "e2e", rows, {"config": dataclasses.asdict(config)})
+  common.save(out_dir, f"e2e_{config.weights}", rows, {"config": dataclasses.asdict(config)})
   for batch in config.batches:
     series = {a: ([r["context"] for r in rows if r["attention"] == a and r["batch"] == batch],
                   [r["tokens_per_s"] for r in rows if r["attention"] == a and r["batch"] == batch])
               for a in config.attentions}
-    common.plot(out_dir / f"e2e_batch{batch}.png", f"Decode throughput, batch {batch} ({common.machine()[:40]})",
+    common.plot(out_dir / f"e2e_{config.weights}_batch{batch}.png",
+                f"Decode throughput, batch {batch}, {config.weights} weights",
                 "context (tokens)", "tokens / s", series, logx=True)
   return rows
