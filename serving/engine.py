@@ -305,7 +305,9 @@ class Engine:
     span = _bucket(len(chunk), 16)
     tokens = np.zeros((1, span), np.int32)
     tokens[0, : len(chunk)] = chunk
-    width = _bucket(self.arena.blocks(request.id), MIN_TABLE_WIDTH)
+    # Causal: this chunk sees only the blocks up to its end, so the table (and the attention) stop there.
+    covered = -(-(request.prefilled + len(chunk)) // self.config.block_size)
+    width = _bucket(covered, MIN_TABLE_WIDTH)
     self.arena.kv, token = steps.prefill_chunk(
         self._graphdef, self._state, self.arena.kv, jnp.asarray(self.arena.block_tables([request.id], width)),
         jnp.asarray(tokens), jnp.array([request.prefilled], jnp.int32), jnp.array([len(chunk)], jnp.int32),
