@@ -234,23 +234,27 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0) 
       return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model_name,
                                      "choices": [choice]}) + "\n\n"
 
-    async def consume(on_text):
+    outcome = {"completed": False}
+
+    async def pieces():
+      """New text as it is generated; ends when the request finishes or the client goes away."""
       try:
         while True:
           event = await next_event()
           if event is None:
-            return False
+            return
           tokens, finished = event
           if finished and handle.finish_reason == "error":
             raise BadRequest(f"generation failed: {handle.error}", status=500, kind="server_error")
           new = text.feed([t for t in tokens if t not in handle.stop_ids], finished)
           if new:
-            await on_text(new)
+            yield new
           if text.stopped and not finished:
-            engine.cancel(handle.id)
+            engine.cancel(handle.id)  # a stop string ended it; the engine frees the pages
             finished = True
           if finished:
-            return True
+            outcome["completed"] = True
+            return
       except asyncio.CancelledError:
         engine.cancel(handle.id)
         raise
@@ -260,29 +264,16 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0) 
         try:
           if chat:
             yield chunk(None, None, first=True)
-          pieces: asyncio.Queue = asyncio.Queue()
-          done = asyncio.ensure_future(consume(pieces.put))
-          while True:
-            getter = asyncio.ensure_future(pieces.get())
-            finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in finished:
-              yield chunk(getter.result(), None)
-              continue
-            getter.cancel()
-            while not pieces.empty():
-              yield chunk(pieces.get_nowait(), None)
-            if not done.result():
-              return
-            break
+          async for piece in pieces():
+            yield chunk(piece, None)
+          if not outcome["completed"]:
+            return
           yield chunk(None, finish_reason())
           if include_usage:
             yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                                          "created": created, "model": model_name, "choices": [],
                                          "usage": usage()}) + "\n\n"
           yield "data: [DONE]\n\n"
-        except asyncio.CancelledError:
-          engine.cancel(handle.id)
-          raise
         finally:
           if handle.done.is_set():
             metrics.finished(handle)
@@ -290,12 +281,10 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0) 
       return StreamingResponse(sse(), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def ignore(_):
+    async for _ in pieces():
       pass
-
-    completed = await consume(ignore)
-    if not completed:
-      return Response(status_code=499)
+    if not outcome["completed"]:
+      return Response(status_code=499)  # the client went away; nobody reads this
     await asyncio.get_running_loop().run_in_executor(None, handle.done.wait, 5.0)
     metrics.finished(handle)
     final_text = _final_text(text)
