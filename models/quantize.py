@@ -1,8 +1,10 @@
 """Weight-only int8 quantization for memory-bound decode (what llama.cpp's Q8_0 buys on CPU).
 
 Symmetric, per output channel: w ~= int8 * scale, scale = max |w| / 127 over the input axis. Activations, norms,
-biases and the KV cache keep the model's float dtype; the matmuls dequantize on the fly. On the 2-core CPU here a
-decode step is bound by reading the weights, and int8 reads a quarter of float32's bytes.
+biases and the KV cache keep the model's float dtype; the matmuls dequantize on the fly. It quarters the weights'
+memory. It does not yet speed up decode on XLA:CPU (BENCHMARKS.md): XLA converts each int8 matrix to floats
+before the dot, and a multiply-reduce formulation that avoids that was not fused inside the layer scan (1.1 s
+per token). Accelerators with int8-aware matmuls are where this should pay off.
 """
 
 from __future__ import annotations

@@ -90,8 +90,10 @@ class PSAConfig:
   sink_blocks: int = 1
   local_blocks: int = 1
   chunk_blocks: int = 4
-  score: ScoreKind = "mean"
-  estimator: Estimator = "score_mass"
+  # Defaults chosen by the fidelity study (BENCHMARKS.md, study 2): Quest's min/max order with the last-chunk
+  # estimator reached every error target with the fewest blocks; mean order with score_mass was the worst.
+  score: ScoreKind = "minmax"
+  estimator: Estimator = "last_chunk"
 
   def __post_init__(self):
     if not isinstance(self.tau, (int, float)) or not 0.0 < float(self.tau) <= 1.0:

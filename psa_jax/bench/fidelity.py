@@ -98,9 +98,10 @@ def run(config: FidelityConfig, out_dir) -> list[dict]:
 
     common.progress(f"{text}: sweeping PSA, top-k and top-p")
     for tau in config.taus:
-      for estimator in ("score_mass", "last_chunk"):
-        out, used = psa_attention(*x, PSAConfig(tau=tau, estimator=estimator), impl="xla")
-        record(f"psa_{estimator}", tau, out, used)
+      for score in ("mean", "minmax"):
+        for estimator in ("score_mass", "last_chunk"):
+          out, used = psa_attention(*x, PSAConfig(tau=tau, estimator=estimator, score=score), impl="xla")
+          record(f"psa_{score}_{estimator}", tau, out, used)
     for kk in config.ks:
       out, used = topk_attention(*x, TopKConfig(k_blocks=kk), impl="xla")
       record("topk_quest", kk, out, used)
