@@ -7,7 +7,6 @@ parameters are cached with orbax-checkpoint so a second start skips dequantizati
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -16,7 +15,6 @@ import pathlib
 import sys
 from typing import Iterable, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

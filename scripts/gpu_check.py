@@ -11,7 +11,6 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from psa_jax import PSAConfig, TopKConfig, dense_attention, psa_attention, topk_attention
 from psa_jax.synthetic import synthetic_decode_inputs

@@ -13,7 +13,6 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any
 
 import prometheus_client as prom
 from fastapi import FastAPI, Request
