@@ -3,6 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # the [peers] extra, which `make test` installs
+import transformers
 
 from models import checkpoint
 from models.generate import generate
@@ -11,8 +13,6 @@ from psa_jax import AttentionBackend
 
 from tests import tiny_models
 
-torch = pytest.importorskip("torch", reason="install the [peers] extra; `make test` does")
-transformers = pytest.importorskip("transformers")
 
 
 def prose(n_chars: int) -> str:

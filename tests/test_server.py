@@ -4,12 +4,12 @@ import asyncio
 import json
 
 import httpx
+import openai
 import pytest
 
 from tests import tiny_models
 from tests.server_process import running_server
 
-openai = pytest.importorskip("openai")
 
 SMOLLM_FLAGS = ("--kv_memory=64MiB", "--max_context=1024", "--max_batch=4", "--decode_window=8",
                 "--prefill_chunk=256")
