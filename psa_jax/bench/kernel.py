@@ -1,5 +1,6 @@
 """Study 1, kernels: decode attention time against context on synthetic inputs shaped like real attention
-(a sink, a local window, a few heavy blocks), for dense, top-k and PSA. The XLA path on CPU; the Pallas
+(a sink, a local window, a few heavy blocks), for dense, top-k and PSA, with each one's output error against
+dense. The XLA path on CPU; the Pallas
 kernels when a GPU is present (--impl=pallas)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import dataclasses
 import functools
 
 import jax
+import numpy as np
 
 from psa_jax import PSAConfig, TopKConfig, dense_attention, psa_attention, topk_attention
 from psa_jax.bench import common
@@ -36,15 +38,18 @@ def run(config: KernelConfig, out_dir) -> list[dict]:
         "topk": lambda x: topk_attention(*x, TopKConfig(k_blocks=config.topk_blocks), impl=config.impl),
         "psa": lambda x: psa_attention(*x, PSAConfig(tau=config.psa_tau), impl=config.impl),
     }
+    dense = np.asarray(dense_attention(*x[:5], impl="xla"), np.float32)
     for attention in config.attentions:
       fn = jax.jit(functools.partial(calls[attention]))
       ms = common.median_ms(lambda: fn(x), config.repeats)
-      _, used = fn(x)
+      out, used = fn(x)
       blocks = -(-context // 16)
       share = 1.0 if used is None else float(used.mean()) / blocks
-      rows.append({"context": context, "attention": attention, "ms": ms, "kv_share_read": share})
+      error = np.linalg.norm(np.asarray(out, np.float32) - dense, axis=-1) / np.linalg.norm(dense, axis=-1)
+      rows.append({"context": context, "attention": attention, "ms": ms, "kv_share_read": share,
+                   "mean_error": float(error.mean())})
       print(common.table(rows[-1:], list(rows[-1])), flush=True)
-  print("\n" + common.table(rows, ["context", "attention", "ms", "kv_share_read"]))
+  print("\n" + common.table(rows, ["context", "attention", "ms", "kv_share_read", "mean_error"]))
   common.save(out_dir, "kernel", rows, {"config": dataclasses.asdict(config)})
   series = {a: ([r["context"] for r in rows if r["attention"] == a], [r["ms"] for r in rows if r["attention"] == a])
             for a in config.attentions}
