@@ -278,10 +278,9 @@ def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
 
 def _cache_dir(path: pathlib.Path, dtype) -> pathlib.Path:
   root = pathlib.Path(os.environ.get("PSA_JAX_CACHE", pathlib.Path.home() / ".cache" / "psa_jax"))
-  stat = path.stat()
   files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + [path / "config.json"]
   key = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-  key += f"|{jnp.dtype(dtype).name}|v1|{stat.st_size}"
+  key += f"|{jnp.dtype(dtype).name}|v1"  # v1: bump when the parameter layout changes
   return root / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 

@@ -5,8 +5,11 @@ iteration, folds each chunk into an online softmax, and stops on its own:
   * after `limit` blocks (dense: all blocks; top-k: forced + k; PSA: max_blocks), or
   * (PSA only) once every query head of the group has gathered `tau` of its estimated total mass, and the forced
     sink/local blocks are in.
-The loop body is written once, over "loaders", so that the Pallas kernel (refs) and the XLA path (arrays, under
-vmap) run the same arithmetic. The oracle in `reference.py` computes the same thing without a loop.
+Two implementations of that loop: `progressive_loop`, the Pallas kernel's body (one chunk per iteration, reading
+refs through small "loader" callables), and `_wide_loop`, the XLA path's (vmapped over programs, several chunks
+per iteration because a CPU loop iteration is expensive, replaying the stopping rule at each chunk boundary).
+Both must take the same decisions; the tests hold each against the loop-free oracle in `reference.py`, so a
+change to the stopping rule goes into both and into the oracle.
 
 Shapes: B batch, H kv heads, Gp query heads per kv head padded, D head_dim, P pages, S block_size,
 M blocks per sequence (padded to a multiple of chunk_blocks).

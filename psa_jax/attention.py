@@ -11,7 +11,7 @@ The pages are laid out head-major so that one program (sequence, KV head) gather
 [block_size, head_dim] tiles with a single index, the pattern the Triton lowering handles best (as in
 jax.experimental.pallas.ops.gpu.paged_attention).
 
-impl: "pallas" runs the Pallas kernels (compiled on GPU, interpreted elsewhere), "xla" the same loop as
+impl: "pallas" runs the Pallas kernels (compiled on GPU, interpreted elsewhere), "xla" the same decisions as
 plain XLA ops (the CPU path), "reference" the loop-free oracle, "auto" Pallas on GPU and XLA otherwise.
 """
 

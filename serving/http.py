@@ -163,8 +163,7 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0) 
     if prompt_len + max_tokens > context:
       raise BadRequest(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of {context} "
                        "tokens", "max_tokens")
-    n = _field(body, "n", int, 1, check=lambda v: v == 1, message="must be 1 (n > 1 is not supported)")
-    del n
+    _field(body, "n", int, 1, check=lambda v: v == 1, message="must be 1 (n > 1 is not supported)")
     if body.get("logprobs") not in (None, False):
       raise BadRequest("logprobs are not supported", "logprobs")
     temperature = _field(body, "temperature", (int, float), 1.0, check=lambda v: 0 <= v <= 2,
