@@ -16,7 +16,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
+from models import parallel
 from models.config import ModelConfig
 from models.kv_pages import PagedKV, gather_context, write_tokens
 from models.rope import apply_rope, inverse_frequencies
@@ -30,6 +32,32 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   xf = x.astype(jnp.float32)
   normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
   return (normed.astype(x.dtype) * weight).astype(x.dtype)
+
+
+# XLA:CPU runs an int8 matmul with fewer than this many rows on a slow path (a [1, 576] x [576, 49152] product
+# took 29 ms with one row and 1 ms with four), so small batches are padded up to it.
+_INT8_MIN_ROWS = 8
+
+
+def int8_matmul(h: jax.Array, w: jax.Array, w_scale: jax.Array, *, contract: int) -> jax.Array:
+  """h [..., K] times int8 weights w ([K, N] for contract=0, [N, K] for contract=1) with per-output scales
+  w_scale [N] (or [1, N]).
+
+  W8A8, as llama.cpp does on CPU: each row of h is quantized to int8 with its own scale (max |row| / 127), the
+  product accumulates in int32, and both scales are applied after. It reads a quarter of float32's weight bytes
+  and uses the CPU's integer dot products; the cost is activation rounding (relative error ~1e-2 per matmul).
+  """
+  lead, k = h.shape[:-1], h.shape[-1]
+  rows = h.reshape(-1, k).astype(jnp.float32)
+  n = rows.shape[0]
+  a_scale = jnp.max(jnp.abs(rows), axis=-1, keepdims=True) / 127.0
+  a_scale = jnp.where(a_scale > 0, a_scale, 1.0)
+  hq = jnp.clip(jnp.round(rows / a_scale), -127, 127).astype(jnp.int8)
+  if n < _INT8_MIN_ROWS:
+    hq = jnp.pad(hq, ((0, _INT8_MIN_ROWS - n), (0, 0)))
+  acc = jax.lax.dot_general(hq, w, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.int32)[:n]
+  out = acc.astype(jnp.float32) * a_scale * w_scale.reshape(1, -1).astype(jnp.float32)
+  return out.reshape(*lead, -1).astype(h.dtype)
 
 
 class Decoder(nnx.Module):
@@ -73,11 +101,11 @@ class Decoder(nnx.Module):
 
   @staticmethod
   def _mm(h, w, name):
-    """h @ w[name], dequantizing int8 weights on the fly (per-output-channel scale)."""
+    """h @ w[name]; int8 weights multiply int8 activations (see `int8_matmul`)."""
     scale = w[f"{name}_scale"]
     if scale is None:
       return h @ w[name]
-    return (h @ w[name].astype(h.dtype)) * scale
+    return int8_matmul(h, w[name], scale, contract=0)
 
   def _qkv(self, w, h, positions):
     c = self.config
@@ -100,12 +128,13 @@ class Decoder(nnx.Module):
   def logits(self, x: jax.Array) -> jax.Array:
     """[..., E] -> [..., V] float32."""
     h = rms_norm(x, self.final_norm[...], self.config.rms_eps)
-    if self.lm_head is None:
-      head, scale = self.embed[...].T, self._scale("embed")
-    else:
-      head, scale = self.lm_head[...], self._scale("lm_head")
-    out = jnp.dot(h, head.astype(h.dtype), preferred_element_type=jnp.float32)
-    return out if scale is None else out * scale
+    # The tied head contracts the embedding's hidden axis in place: no transposed copy of [V, E].
+    head, contract = (self.embed[...], 1) if self.lm_head is None else (self.lm_head[...], 0)
+    scale = self._scale("embed" if self.lm_head is None else "lm_head")
+    if scale is not None:
+      return int8_matmul(h, head, scale, contract=contract).astype(jnp.float32)
+    dims = (((h.ndim - 1,), (contract,)), ((), ()))
+    return jax.lax.dot_general(h, head.astype(h.dtype), dims, preferred_element_type=jnp.float32)
 
   def prefill(
       self,
@@ -117,9 +146,11 @@ class Decoder(nnx.Module):
       *,
       query_chunk: int = 512,
       collect_qkv: bool = False,
+      mesh: Mesh | None = None,
   ):
     """Writes the span's KV and returns the hidden state after the last layer [B, T, E] and the new KV.
 
+    mesh: run sharded over it (models/parallel.py); params and KV must already be placed there.
     collect_qkv: also return every layer's post-RoPE (q [L, B, T, Hq, D], k, v [L, B, T, H, D]), for studies of
     real attention.
     """
@@ -133,12 +164,17 @@ class Decoder(nnx.Module):
       w, table = xs
       h = rms_norm(x, w["attn_norm"], c.rms_eps)
       q, k, v = self._qkv(w, h, positions)
-      kv = write_tokens(kv, k, v, table, start, num)
-      attn = _causal_context_attention(q, gather_context(kv.k, table), gather_context(kv.v, table), positions,
-                                        query_chunk)
+      kv, attn = attend(kv, q, k, v, table, start, num)
       x = x + self._mm(attn.reshape(b, t, -1).astype(x.dtype), w, "wo")
       return (self._mlp(w, x), kv), (q, k, v) if collect_qkv else None
 
+    def write_and_attend(kv, q, k, v, table, start, num):
+      kv = write_tokens(kv, k, v, table, start, num)
+      pos = start[:, None] + jnp.arange(q.shape[1])[None, :]
+      return kv, _causal_context_attention(q, gather_context(kv.k, table), gather_context(kv.v, table), pos,
+                                           query_chunk)
+
+    attend = parallel.prefill_attention(write_and_attend, mesh)
     (x, kv), qkv = jax.lax.scan(layer, (x, kv), (self._layers(), block_tables))
     return (x, kv, qkv) if collect_qkv else (x, kv)
 
@@ -151,21 +187,30 @@ class Decoder(nnx.Module):
       attention,  # AttentionBackend
       tau: jax.Array | None = None,  # [B] per-sequence PSA threshold
       active: jax.Array | None = None,  # [B] bool; inactive rows write nothing (batch padding, finished)
+      mesh: Mesh | None = None,  # run sharded over it (models/parallel.py); B must divide by its data axis
   ) -> tuple[jax.Array, PagedKV, jax.Array]:
     """One token per sequence: (logits [B, V] float32, new KV, blocks used [L, B, H])."""
     c = self.config
     b = tokens.shape[0]
     x = self._embed(tokens)  # [B, E]
-    lengths = positions + 1
     writes = jnp.ones_like(positions) if active is None else active.astype(positions.dtype)
+    if tau is None:
+      tau = jnp.full((b,), getattr(attention.config, "tau", 1.0), jnp.float32)
+
+    def write_and_attend(gather_rows, kv, q, k, v, table, positions, writes, tau):
+      k_all, v_all, table_all, pos_all, writes_all = gather_rows((k, v, table, positions, writes))
+      kv = write_tokens(kv, k_all[:, None], v_all[:, None], table_all, pos_all, writes_all)
+      out, used = attention(q, kv.k, kv.v, table, positions + 1, kv.summaries, tau)
+      return kv, out, used
+
+    attend = parallel.decode_attention(write_and_attend, mesh)
 
     def layer(carry, xs):
       x, kv = carry
       w, table = xs
       h = rms_norm(x, w["attn_norm"], c.rms_eps)
       q, k, v = self._qkv(w, h, positions)
-      kv = write_tokens(kv, k[:, None], v[:, None], table, positions, writes)
-      out, used = attention(q, kv.k, kv.v, table, lengths, kv.summaries, tau)
+      kv, out, used = attend(kv, q, k, v, table, positions, writes, tau)
       x = x + self._mm(out.reshape(b, -1).astype(x.dtype), w, "wo")
       return (self._mlp(w, x), kv), used
 

@@ -1,10 +1,9 @@
-"""Weight-only int8 quantization for memory-bound decode (what llama.cpp's Q8_0 buys on CPU).
+"""int8 weights for memory-bound decode (what llama.cpp's Q8_0 buys on CPU).
 
-Symmetric, per output channel: w ~= int8 * scale, scale = max |w| / 127 over the input axis. Activations, norms,
-biases and the KV cache keep the model's float dtype; the matmuls dequantize on the fly. It quarters the weights'
-memory. It does not yet speed up decode on XLA:CPU (BENCHMARKS.md): XLA converts each int8 matrix to floats
-before the dot, and a multiply-reduce formulation that avoids that was not fused inside the layer scan (1.1 s
-per token). Accelerators with int8-aware matmuls are where this should pay off.
+Symmetric, per output channel: w ~= int8 * scale, scale = max |w| / 127 over the input axis. At run time the
+activations are quantized per row too and the matmuls run int8 x int8 -> int32 (`models.llama.int8_matmul`):
+XLA:CPU has fast integer kernels but converts an int8 matrix to floats before a float dot, which is why a
+weight-only scheme did not pay here. Norms, biases, attention and the KV cache keep the model's float dtype.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
+from models import parallel
 from models.config import ModelConfig
 from models.kv_pages import PagedKV
 from serving.config import parse_memory
@@ -21,6 +24,7 @@ from serving.config import parse_memory
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _copy_pages(kv: PagedKV, src: jax.Array, dst: jax.Array) -> PagedKV:
+  # Pages move along axis 1; a head-sharded arena (axis 0) stays where it is, shard by shard.
   return jax.tree.map(lambda x: x.at[:, dst].set(x[:, src]), kv)
 
 
@@ -43,20 +47,27 @@ class ArenaFull(Exception):
 
 
 class KVArena:
-  def __init__(self, config: ModelConfig, *, num_pages: int, block_size: int, dtype):
+  def __init__(self, config: ModelConfig, *, num_pages: int, block_size: int, dtype, mesh: Mesh | None = None):
     if num_pages < config.num_layers:
       raise ValueError(f"an arena of {num_pages} pages cannot hold one block for each of {config.num_layers} layers")
     self.config = config
     self.block_size = block_size
     self.num_pages = num_pages
+    self.mesh = mesh
     self.kv = PagedKV.zeros(config.num_kv_heads, num_pages, block_size, config.head_dim, dtype)
+    if mesh is not None:  # split by KV head (models/parallel.py)
+      self.kv = parallel.shard_kv(self.kv, mesh)
     self._free = list(range(num_pages - 1, -1, -1))  # a stack: recently freed pages are reused first
     self._pages: dict[int, list[list[int]]] = {}  # sequence id -> per layer, its pages in logical order
 
   @classmethod
-  def from_budget(cls, config: ModelConfig, memory: str, *, block_size: int, dtype) -> "KVArena":
+  def from_budget(cls, config: ModelConfig, memory: str, *, block_size: int, dtype,
+                  mesh: Mesh | None = None) -> "KVArena":
+    """`memory` is per device; a page's bytes are split over the mesh's model axis."""
     budget = parse_memory(memory, total=device_memory_bytes())
-    return cls(config, num_pages=budget // page_bytes(config, block_size, dtype), block_size=block_size, dtype=dtype)
+    split = 1 if mesh is None else mesh.shape[parallel.MODEL]
+    num_pages = budget * split // page_bytes(config, block_size, dtype)
+    return cls(config, num_pages=num_pages, block_size=block_size, dtype=dtype, mesh=mesh)
 
   @property
   def free_pages(self) -> int:

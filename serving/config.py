@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from models.parallel import MeshConfig
 from psa_jax.backend import KINDS
 
 
@@ -39,6 +40,8 @@ class EngineConfig:
   max_batch: sequences decoding together. max_context: longest prompt + output.
   decode_window: decode steps run on device between host reads.
   prefill_chunk: prompt tokens prefilled per engine step, so a long prompt does not stall running decodes.
+  mesh: how to spread the model over devices (models/parallel.py): "auto" (every local device, on the model
+    axis as far as the head counts divide, the rest on the data axis), "none" (one device), or "data=2,model=4".
   """
 
   attention: str = "psa"
@@ -51,6 +54,7 @@ class EngineConfig:
   decode_window: int = 16
   prefill_chunk: int = 512
   impl: str = "auto"
+  mesh: str = "auto"
 
   def __post_init__(self):
     if self.attention not in KINDS:
@@ -63,6 +67,8 @@ class EngineConfig:
     if self.block_size & (self.block_size - 1) or not 16 <= self.block_size <= 128:
       raise ValueError(f"block_size must be a power of two in [16, 128], got {self.block_size}")
     parse_memory(self.kv_memory, total=1)  # validates the spelling
+    if self.mesh not in ("auto", "none"):
+      MeshConfig.parse(self.mesh)  # validates the spelling
 
 
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from models import parallel
 from models.llama import Decoder
 from models.tokenizer import Tokenizer
 from psa_jax.backend import AttentionBackend
@@ -41,6 +43,17 @@ WAITING, PREFILLING, RUNNING, HELD, FINISHED = "waiting", "prefilling", "running
 
 
 MIN_TABLE_WIDTH = 8  # blocks; coarse buckets keep the number of compiled shapes small
+
+
+def _resolve_mesh(spec: str, config) -> Mesh | None:
+  """The engine's mesh from EngineConfig.mesh; None (plain single-device code) when it has one device."""
+  if spec == "none":
+    return None
+  devices = jax.devices()
+  mesh_config = (parallel.MeshConfig.default(len(devices), config) if spec == "auto"
+                 else parallel.MeshConfig.parse(spec))
+  mesh_config.check(config, len(devices))
+  return None if mesh_config.size == 1 else parallel.make_mesh(mesh_config, devices)
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
@@ -82,10 +95,14 @@ class Engine:
     c = model.config
     if config.max_context > c.max_context:
       raise ValueError(f"max_context {config.max_context} exceeds the model's {c.max_context}")
+    self.mesh = _resolve_mesh(config.mesh, c)
+    if self.mesh is not None:
+      parallel.shard_model(model, self.mesh)
     if num_pages is None:
-      self.arena = KVArena.from_budget(c, config.kv_memory, block_size=config.block_size, dtype=model.dtype)
+      self.arena = KVArena.from_budget(c, config.kv_memory, block_size=config.block_size, dtype=model.dtype,
+                                       mesh=self.mesh)
     else:
-      self.arena = KVArena(c, num_pages=num_pages, block_size=config.block_size, dtype=model.dtype)
+      self.arena = KVArena(c, num_pages=num_pages, block_size=config.block_size, dtype=model.dtype, mesh=self.mesh)
     self._graphdef, self._state = nnx.split(model)
     self._backends = {
         "dense": AttentionBackend("dense", DenseConfig(), config.impl),
@@ -264,7 +281,8 @@ class Engine:
     for request in list(self.prefilling) + list(self.running):
       self._preempt(request)
     old = self.arena
-    self.arena = KVArena(old.config, num_pages=old.num_pages, block_size=old.block_size, dtype=self.model.dtype)
+    self.arena = KVArena(old.config, num_pages=old.num_pages, block_size=old.block_size, dtype=self.model.dtype,
+                         mesh=self.mesh)
 
   def _admit(self) -> None:
     while self.waiting and len(self.prefilling) + len(self.running) < self.config.max_batch:
@@ -311,7 +329,7 @@ class Engine:
     self.arena.kv, token = steps.prefill_chunk(
         self._graphdef, self._state, self.arena.kv, jnp.asarray(self.arena.block_tables([request.id], width)),
         jnp.asarray(tokens), jnp.array([request.prefilled], jnp.int32), jnp.array([len(chunk)], jnp.int32),
-        self._sampling([request], 1))
+        self._sampling([request], 1), mesh=self.mesh)
     request.prefilled += len(chunk)
     if request.prefilled == len(context):
       first = int(jax.device_get(token)[0])
@@ -336,7 +354,8 @@ class Engine:
     batch = [r for r in batch if r.state == RUNNING]
     if not batch:
       return
-    size = min(_bucket(len(batch)), _bucket(self.config.max_batch))
+    # Batch buckets are powers of two and, on a mesh, at least its data axis so the rows split evenly.
+    size = max(min(_bucket(len(batch)), _bucket(self.config.max_batch)), parallel.data_size(self.mesh))
     width = _bucket(max(self.arena.blocks(r.id) for r in batch), MIN_TABLE_WIDTH)
     pad = size - len(batch)
     ids = [r.id for r in batch] + [None] * pad
@@ -352,7 +371,8 @@ class Engine:
     tau = jnp.asarray(np.array([r.tau for r in batch] + [1.0] * pad, np.float32))
     self.arena.kv, out, _, stats, n = steps.decode_window(
         self._graphdef, self._state, self.arena.kv, jnp.asarray(self.arena.block_tables(ids, width)), window,
-        jnp.asarray(stop), self._sampling(batch, size), tau, attention=self._backends[kind], num_steps=n_steps)
+        jnp.asarray(stop), self._sampling(batch, size), tau, attention=self._backends[kind], num_steps=n_steps,
+        mesh=self.mesh)
     out, stats, n = jax.device_get((out, stats, n))  # the window's one host read
     self.counters["host_reads"] += 1
     self.counters["windows"] += 1

@@ -33,12 +33,13 @@ class SamplingArrays(NamedTuple):
   top_k: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("kv",))
-def prefill_chunk(graphdef, state, kv: PagedKV, tables, tokens, start, num, sampling: SamplingArrays):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("kv",))
+def prefill_chunk(graphdef, state, kv: PagedKV, tables, tokens, start, num, sampling: SamplingArrays, *,
+                  mesh=None):
   """tables [L, 1, M]; tokens [1, T]; start, num [1]. Returns (kv, next token [1])."""
   TRACES["prefill_chunk"] += 1
   model = nnx.merge(graphdef, state)
-  x, kv = model.prefill(tokens, start, num, kv, tables)
+  x, kv = model.prefill(tokens, start, num, kv, tables, mesh=mesh)
   last = jnp.take_along_axis(x, (num - 1)[:, None, None], axis=1)[:, 0]  # [1, E]
   token = sample(model.logits(last), sampling.seed, start + num, sampling.temperature, sampling.top_p,
                  sampling.top_k)
@@ -61,10 +62,11 @@ class WindowStats(NamedTuple):
   samples: jax.Array  # [] (sequence, KV head, step) samples per layer
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "num_steps"), donate_argnames=("kv",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "num_steps", "mesh"),
+                   donate_argnames=("kv",))
 def decode_window(graphdef, state, kv: PagedKV, tables, window: WindowState, stop_ids, sampling: SamplingArrays,
-                  tau, *, attention, num_steps: int):
-  """tables [L, B, M]; stop_ids [B, K] (-1 padded); tau [B].
+                  tau, *, attention, num_steps: int, mesh=None):
+  """tables [L, B, M]; stop_ids [B, K] (-1 padded); tau [B]. mesh: see models/parallel.py.
 
   Returns (kv, tokens [num_steps, B] (-1 where a sequence emitted nothing), final WindowState, WindowStats,
   steps run []).
@@ -78,7 +80,7 @@ def decode_window(graphdef, state, kv: PagedKV, tables, window: WindowState, sto
 
   def step(carry):
     i, kv, w, out, stats = carry
-    logits, kv, used = model.decode(w.tokens, w.positions, kv, tables, attention, tau, w.active)
+    logits, kv, used = model.decode(w.tokens, w.positions, kv, tables, attention, tau, w.active, mesh=mesh)
     token = sample(logits, sampling.seed, w.positions + 1, sampling.temperature, sampling.top_p, sampling.top_k)
     token = jnp.where(w.active, token, w.tokens)
     out = out.at[i].set(jnp.where(w.active, token, -1))
