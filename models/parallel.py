@@ -163,6 +163,15 @@ def prefill_attention(run, mesh: Mesh | None):
                        out_specs=(KV_SPEC, heads), check_vma=False)
 
 
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
+  """Joins a multi-host run (one process per host, each seeing its local devices); afterwards
+  `jax.devices()` lists every host's devices and meshes span them. Every process must then run the same
+  program: the same engine calls in the same order (a fixed workload such as `psa_jax.bench`)."""
+  if num_processes is None or process_id is None:
+    raise ValueError("multi-host runs need coordinator_address, num_processes and process_id")
+  jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+
+
 def describe(mesh: Mesh | None) -> str:
   if mesh is None:
     return "1 device"

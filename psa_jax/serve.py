@@ -32,8 +32,11 @@ _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Weights and KV dtype. auto: bfloat16 on accelerators, float32 on CPU, where XLA's "
                            "bfloat16 matmuls are several times slower.")
 _WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"],
-                             "int8: weight-only per-channel int8 (a quarter of float32's bytes per decode step; "
-                             "outputs differ slightly from the float model's).")
+                             "int8: per-channel int8 weights times per-row int8 activations, int32 accumulation "
+                             "(a quarter of float32's bytes per decode step; outputs differ slightly from the "
+                             "float model's).")
+_MESH = flags.DEFINE_string("mesh", "auto", "Devices to shard over: auto (all local devices, KV heads split as far "
+                            "as they divide, the rest data parallel), none, or 'data=2,model=4'.")
 _DRAIN = flags.DEFINE_float("shutdown_drain_s", 10.0, "On SIGTERM, let in-flight requests finish this long.")
 
 
@@ -43,7 +46,7 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
-  from models import checkpoint
+  from models import checkpoint, parallel
   from serving.config import EngineConfig
   from serving.engine import Engine
   from serving.http import serve
@@ -63,14 +66,18 @@ def main(argv):
   if _WEIGHTS.value == "int8":
     from models.quantize import quantize_int8
     model = quantize_int8(model)
-  config = EngineConfig(
-      attention=_ATTENTION.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, block_size=_BLOCK.value,
-      kv_memory=kv_memory, max_batch=_MAX_BATCH.value,
-      max_context=_MAX_CONTEXT.value or model.config.max_context, decode_window=_WINDOW.value,
-      prefill_chunk=_PREFILL_CHUNK.value)
-  engine = Engine(model, loaded.tokenizer, config)
+  try:
+    config = EngineConfig(
+        attention=_ATTENTION.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, block_size=_BLOCK.value,
+        kv_memory=kv_memory, max_batch=_MAX_BATCH.value,
+        max_context=_MAX_CONTEXT.value or model.config.max_context, decode_window=_WINDOW.value,
+        prefill_chunk=_PREFILL_CHUNK.value, mesh=_MESH.value)
+    engine = Engine(model, loaded.tokenizer, config)
+  except ValueError as e:  # a flag the model or the machine cannot honour
+    raise SystemExit(f"psa_jax: {e}") from None
   name = _NAME.value or (_MODEL.value or checkpoint.DEFAULT_MODEL)
-  print(f"psa_jax: KV arena of {engine.arena.num_pages} pages ({config.attention} attention); "
+  print(f"psa_jax: KV arena of {engine.arena.num_pages} pages ({config.attention} attention) on "
+        f"{parallel.describe(engine.mesh)}; "
         f"serving {name!r} on http://{_HOST.value}:{_PORT.value}", file=sys.stderr, flush=True)
   serve(engine, name, host=_HOST.value, port=_PORT.value, drain_timeout=_DRAIN.value)
 

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from models.kv_pages import PagedKV
 from models.sampling import sample
@@ -33,6 +34,13 @@ class SamplingArrays(NamedTuple):
   top_k: jax.Array
 
 
+def _host_readable(tree, mesh):
+  """What the host reads back is replicated over the mesh, so every process of a multi-host run holds it all."""
+  if mesh is None:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec()))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("kv",))
 def prefill_chunk(graphdef, state, kv: PagedKV, tables, tokens, start, num, sampling: SamplingArrays, *,
                   mesh=None):
@@ -43,7 +51,7 @@ def prefill_chunk(graphdef, state, kv: PagedKV, tables, tokens, start, num, samp
   last = jnp.take_along_axis(x, (num - 1)[:, None, None], axis=1)[:, 0]  # [1, E]
   token = sample(model.logits(last), sampling.seed, start + num, sampling.temperature, sampling.top_p,
                  sampling.top_k)
-  return kv, token
+  return kv, _host_readable(token, mesh)
 
 
 class WindowState(NamedTuple):
@@ -107,4 +115,4 @@ def decode_window(graphdef, state, kv: PagedKV, tables, window: WindowState, sto
   zeros = jnp.zeros((num_layers,), jnp.float32)
   stats = WindowStats(zeros, zeros, jnp.float32(0), jnp.float32(0))
   steps, kv, window, out, stats = jax.lax.while_loop(cond, step, (jnp.int32(0), kv, window, out, stats))
-  return kv, out, window, stats, steps
+  return kv, *_host_readable((out, window, stats, steps), mesh)

@@ -3,6 +3,7 @@
   --study=e2e     decode throughput / latency of the engine, dense vs top-k vs PSA (study 4)
   --study=kernel  decode attention time against context on synthetic sparse inputs (study 1)
   --study=fidelity  output error against KV blocks read on the default model's real q/k/v (study 2)
+  --study=sharding  decode tokens/s against device count on meshes (issue 7; --host_devices forces CPU devices)
 Results: a table on stdout, a JSON file and PNG plots in --out_dir.
 """
 
@@ -12,9 +13,9 @@ import pathlib
 
 from absl import app, flags, logging
 
-from psa_jax.bench import e2e, fidelity, kernel
+from psa_jax.bench import e2e, fidelity, kernel, sharding
 
-_STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "kernel", "fidelity"], "Which study to run.")
+_STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "kernel", "fidelity", "sharding"], "Which study to run.")
 _OUT = flags.DEFINE_string("out_dir", "bench_results", "Where JSON results and PNG plots go.")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
 _CONTEXTS = flags.DEFINE_list("contexts", None, "Context lengths (tokens).")
@@ -27,6 +28,13 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight 
 _WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"], "Weight format (e2e).")
 _IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"], "Kernel implementation (kernel study).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per point (kernel).")
+_MESHES = flags.DEFINE_list("meshes", list(sharding.ShardingConfig.meshes),
+                            "Meshes to compare (sharding): 'none' or 'data=N,model=M'.")
+_HOST_DEVICES = flags.DEFINE_integer("host_devices", None, "Force this many CPU devices (sharding; CPU only).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-host: host:port of process 0; every process runs the same command.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
 def main(argv):
@@ -34,6 +42,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
   out = pathlib.Path(_OUT.value)
   contexts = tuple(int(x) for x in _CONTEXTS.value) if _CONTEXTS.value else None
+  if _HOST_DEVICES.value:
+    import jax
+    jax.config.update("jax_num_cpu_devices", _HOST_DEVICES.value)  # before the backend starts
+  if _COORDINATOR.value:
+    from models.parallel import initialize_distributed
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _STUDY.value == "e2e":
     config = e2e.E2EConfig(
         model=_MODEL.value, contexts=contexts or e2e.E2EConfig.contexts,
@@ -41,6 +55,12 @@ def main(argv):
         decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, dtype=_DTYPE.value,
         weights=_WEIGHTS.value)
     e2e.run(config, out)
+  elif _STUDY.value == "sharding":
+    config = sharding.ShardingConfig(
+        model=_MODEL.value, meshes=tuple(_MESHES.value), context=int(contexts[0]) if contexts else 1024,
+        batch=int(_BATCHES.value[-1]), attentions=tuple(a for a in _ATTENTIONS.value if a != "topk") or ("psa",),
+        decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value)
+    sharding.run(config, out)
   elif _STUDY.value == "fidelity":
     config = fidelity.FidelityConfig(model=_MODEL.value, context=int(contexts[0]) if contexts else 4096)
     fidelity.run(config, out)

@@ -33,6 +33,41 @@ class E2EConfig:
   prefill_chunk: int = 512
 
 
+def prefill_and_hold(engine: Engine, prompt: list[int], extra: int):
+  """Prefills `prompt` and holds it for forks; returns (request, seconds to its first token)."""
+  base = engine.submit(prompt, SamplingParams(max_tokens=extra, stop_token_ids=()))
+  start = time.perf_counter()
+  while base.state != "running":
+    engine.step()
+  ttft = time.perf_counter() - start
+  engine.hold(base)
+  return base, ttft
+
+
+def timed_decode(engine: Engine, base, attention: str, batch: int, decode_steps: int) -> dict:
+  """`batch` forks of the held `base` decode `decode_steps` tokens each after one warm-up window.
+  Returns ms_per_token (per sequence), tokens_per_s (all sequences) and the KV share read."""
+  window = engine.config.decode_window
+  # max_tokens counts the parent's output too: leave room for the warm-up window and the timed steps.
+  params = SamplingParams(max_tokens=len(base.output) + window + decode_steps + 1, stop_token_ids=())
+  forks = engine.fork(base, batch, params, attention=attention)
+  engine.step()  # warm-up window (compiles once per shape bucket)
+  first = engine.counters["generated_tokens"]
+  start = time.perf_counter()
+  while engine.counters["generated_tokens"] - first < batch * decode_steps:
+    if not any(f.state == "running" for f in forks):
+      raise RuntimeError("forks finished before the timed steps were done")
+    engine.step()
+  elapsed = time.perf_counter() - start
+  tokens = engine.counters["generated_tokens"] - first
+  share = engine.telemetry[-1]["blocks_share"]
+  for f in forks:
+    engine.cancel(f.id)
+  engine.step()
+  return {"ms_per_token": 1e3 * elapsed / (tokens / batch), "tokens_per_s": tokens / elapsed,
+          "kv_share_read": share}
+
+
 def run(config: E2EConfig, out_dir) -> list[dict]:
   common.progress(f"loading {config.model or checkpoint.DEFAULT_MODEL}")
   lm = checkpoint.load(config.model, dtype=jnp.dtype(config.dtype))
@@ -54,37 +89,13 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
   for context in config.contexts:
     prompt = text_ids[: min(context, c.max_context - extra)]  # the model's full context leaves room to decode
     common.progress(f"prefilling {len(prompt)} tokens")
-    base = engine.submit(prompt, SamplingParams(max_tokens=extra, stop_token_ids=()))
-    start = time.perf_counter()
-    while base.state != "running":
-      engine.step()
-    ttft = time.perf_counter() - start
-    engine.hold(base)
+    base, ttft = prefill_and_hold(engine, prompt, extra)
     for attention in config.attentions:
       for batch in config.batches:
         common.progress(f"decoding: context {context}, {attention}, batch {batch}")
-        # max_tokens counts the parent's output too: leave room for the warm-up window and the timed steps.
-        params = SamplingParams(max_tokens=len(base.output) + config.decode_window + config.decode_steps + 1,
-                                stop_token_ids=())
-        forks = engine.fork(base, batch, params, attention=attention)
-        engine.step()  # warm-up window (compiles once per shape bucket)
-        first = engine.counters["generated_tokens"]
-        start = time.perf_counter()
-        while engine.counters["generated_tokens"] - first < batch * config.decode_steps:
-          if not any(f.state == "running" for f in forks):
-            raise RuntimeError("forks finished before the timed steps were done")
-          engine.step()
-        elapsed = time.perf_counter() - start
-        tokens = engine.counters["generated_tokens"] - first
-        share = engine.telemetry[-1]["blocks_share"]
-        for f in forks:
-          engine.cancel(f.id)
-        engine.step()
-        rows.append({
-            "weights": config.weights, "context": context, "attention": attention, "batch": batch,
-            "ms_per_token": 1e3 * elapsed / (tokens / batch), "tokens_per_s": tokens / elapsed,
-            "kv_share_read": share, "ttft_s": ttft, "prefill_tok_per_s": len(prompt) / ttft,
-        })
+        rows.append({"weights": config.weights, "context": context, "attention": attention, "batch": batch,
+                     **timed_decode(engine, base, attention, batch, config.decode_steps),
+                     "ttft_s": ttft, "prefill_tok_per_s": len(prompt) / ttft})
         print(common.table(rows[-1:], list(rows[-1])), flush=True)
     engine.cancel(base.id)
     engine.step()
