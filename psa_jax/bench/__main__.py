@@ -3,6 +3,7 @@
   --study=e2e     decode throughput / latency of the engine, dense vs top-k vs PSA (study 4)
   --study=kernel  decode attention time against context on synthetic sparse inputs (study 1)
   --study=fidelity  output error against KV blocks read on the default model's real q/k/v (study 2)
+  --study=tasks     retrieval accuracy and perplexity against KV blocks read (study 3)
   --study=sharding  decode tokens/s against device count on meshes (issue 7; --host_devices forces CPU devices)
 Results: a table on stdout, a JSON file and PNG plots in --out_dir.
 """
@@ -13,9 +14,9 @@ import pathlib
 
 from absl import app, flags, logging
 
-from psa_jax.bench import e2e, fidelity, kernel, sharding
+from psa_jax.bench import e2e, fidelity, kernel, sharding, tasks
 
-_STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "kernel", "fidelity", "sharding"], "Which study to run.")
+_STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "kernel", "fidelity", "tasks", "sharding"], "Which study to run.")
 _OUT = flags.DEFINE_string("out_dir", "bench_results", "Where JSON results and PNG plots go.")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
 _CONTEXTS = flags.DEFINE_list("contexts", None, "Context lengths (tokens).")
@@ -28,6 +29,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight 
 _WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"], "Weight format (e2e).")
 _IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"], "Kernel implementation (kernel study).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per point (kernel).")
+_SAMPLES = flags.DEFINE_integer("samples", 3, "Prompts per task and context (tasks).")
+_PPL_CONTEXT = flags.DEFINE_integer("ppl_context", 4096, "Tokens of prose for the perplexity run (tasks).")
 _MESHES = flags.DEFINE_list("meshes", list(sharding.ShardingConfig.meshes),
                             "Meshes to compare (sharding): 'none' or 'data=N,model=M'.")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", None, "Force this many CPU devices (sharding; CPU only).")
@@ -55,6 +58,10 @@ def main(argv):
         decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, dtype=_DTYPE.value,
         weights=_WEIGHTS.value)
     e2e.run(config, out)
+  elif _STUDY.value == "tasks":
+    config = tasks.TasksConfig(model=_MODEL.value, contexts=contexts or tasks.TasksConfig.contexts,
+                               samples=_SAMPLES.value, ppl_context=_PPL_CONTEXT.value)
+    tasks.run(config, out)
   elif _STUDY.value == "sharding":
     config = sharding.ShardingConfig(
         model=_MODEL.value, meshes=tuple(_MESHES.value), context=int(contexts[0]) if contexts else 1024,
