@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,peers
 
-.PHONY: setup test serve gpu-check clean
+.PHONY: setup test serve gpu-check bench-peers clean
 
 setup: $(VENV)/.installed-$(EXTRAS)
 
@@ -20,6 +20,12 @@ test: setup
 
 serve: setup
 	$(PY) -m psa_jax.serve $(ARGS)
+
+# The outside peers of the benchmarks (never needed by the tests): llama-cpp-python built from source without
+# native CPU flags (the native build dies with "Illegal instruction" on these VMs); about 10 minutes.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
+bench-peers: setup
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-binary llama-cpp-python 'llama-cpp-python==0.3.36'
 
 gpu-check: setup
 	$(PY) scripts/gpu_check.py $(ARGS)

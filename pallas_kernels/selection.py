@@ -79,13 +79,15 @@ def plan_visits(
     local_blocks: int,
     budget: jax.Array | int | None,
     budget_counts_forced: bool,
+    min_blocks: int = 0,
 ) -> VisitPlan:
   """Orders blocks by criticality and sets the budget.
 
   The criticality of a block is the largest share of estimated attention mass it holds for any query head of
   the group: a block that matters to one head matters to the KV group. `budget` caps the blocks visited: on
   top of the forced ones when `budget_counts_forced` is False (top-k's k), in total otherwise (PSA's
-  max_blocks); None means no cap.
+  max_blocks); None means no cap. `min_blocks`: the stopping rule may not fire before this many of the most
+  critical blocks (beyond the forced ones) have been visited (PSA's floor).
   """
   _, _, gp, m = scores.shape
   n = num_blocks(lengths, block_size)  # [B]
@@ -114,4 +116,5 @@ def plan_visits(
     limit = jnp.minimum(n, n_forced + budget)
   ordered = jnp.take_along_axis(log_mass, jnp.broadcast_to(order[:, :, None, :], log_mass.shape), axis=-1)
   log_remaining = jax.lax.cumlogsumexp(ordered, axis=3, reverse=True)
+  n_forced = jnp.minimum(limit, n_forced + min_blocks).astype(jnp.int32)
   return VisitPlan(order, limit.astype(jnp.int32), n_forced, log_remaining)

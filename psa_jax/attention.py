@@ -127,7 +127,7 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
         scores, lengths, group=group, block_size=block_size, sink_blocks=config.sink_blocks,
         local_blocks=config.local_blocks,
         budget=config.k_blocks if kind == "topk" else config.max_blocks,
-        budget_counts_forced=kind == "psa")
+        budget_counts_forced=kind == "psa", min_blocks=config.min_blocks if kind == "psa" else 0)
   estimator = config.estimator if kind == "psa" else None
 
   if impl == "reference":

@@ -72,7 +72,8 @@ class PSAConfig:
 
   Blocks are visited in descending estimated criticality, `chunk_blocks` per iteration; the loop stops once
   every query head of the KV group has gathered `tau` of its estimated total attention mass, or after
-  `max_blocks` blocks (None: no cap). Sink and local blocks are always visited first (within the cap).
+  `max_blocks` blocks (None: no cap). Sink and local blocks are always visited first (within the cap), and then
+  at least `min_blocks` more before the loop may stop (a top-k floor under the progressive rule).
 
   estimator: how the mass not yet visited is estimated.
     "score_mass": from the block scores, sum over unvisited blocks of n_tokens * exp(score).
@@ -87,6 +88,7 @@ class PSAConfig:
 
   tau: float = 0.95
   max_blocks: int | None = None
+  min_blocks: int = 0
   sink_blocks: int = 1
   local_blocks: int = 1
   chunk_blocks: int = 4
@@ -100,6 +102,7 @@ class PSAConfig:
       raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
     if self.max_blocks is not None:
       _check_nonneg("max_blocks", self.max_blocks)
+    _check_nonneg("min_blocks", self.min_blocks)
     _check_nonneg("sink_blocks", self.sink_blocks)
     _check_nonneg("local_blocks", self.local_blocks)
     _check_chunk(self.chunk_blocks)

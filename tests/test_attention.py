@@ -65,7 +65,8 @@ def test_dense_oracle_is_plain_softmax_over_contiguous_keys():
     PSAConfig(tau=0.8, score="minmax", chunk_blocks=2, sink_blocks=0, local_blocks=2),
     PSAConfig(tau=0.99, max_blocks=3, chunk_blocks=2),
     PSAConfig(tau=0.7, estimator="estimate", chunk_blocks=1),
-], ids=["score_mass", "last_chunk", "minmax", "capped", "top_p_estimate"])
+    PSAConfig(tau=0.5, min_blocks=3, chunk_blocks=1),
+], ids=["score_mass", "last_chunk", "minmax", "capped", "top_p_estimate", "floor"])
 def test_psa_matches_oracle(impl, dtype, config):
   x = inputs(group=3, dtype=dtype, seed=1)
   out, used = psa_attention(*x, config, impl=impl)
@@ -125,6 +126,14 @@ def test_psa_reads_fewer_blocks_on_sparse_attention_and_stays_close():
   dense = np.asarray(dense_oracle(x))
   rel = np.linalg.norm(np.asarray(out) - dense, axis=-1) / np.linalg.norm(dense, axis=-1)
   assert rel.max() < 0.3, rel
+
+
+def test_psa_floor_reads_at_least_min_blocks_beyond_sink_and_local():
+  x = inputs(lengths=(1024, 2048), seed=3, heavy_blocks=2, strength=3.0)
+  _, free = psa_attention(*x, PSAConfig(tau=0.9, chunk_blocks=2), impl="xla")
+  _, floored = psa_attention(*x, PSAConfig(tau=0.9, chunk_blocks=2, min_blocks=20), impl="xla")
+  assert (np.asarray(free) < 22).any()  # without the floor the rule stops early somewhere
+  assert (np.asarray(floored) >= 22).all() and (np.asarray(floored) >= np.asarray(free)).all()
 
 
 def test_per_sequence_tau_override_is_traced_without_recompiling():

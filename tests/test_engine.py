@@ -250,3 +250,23 @@ def test_int8_weights_stay_close_to_float_and_serve(model):
   assert np.abs(got - ref).max() / np.abs(ref).max() < 0.05
   out = engine(q8).generate(prompts(2, seed=16), SamplingParams(max_tokens=8))
   assert out == [generate(q8, p, max_new_tokens=8) for p in prompts(2, seed=16)]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_int8_matmul_is_close_to_float_and_each_row_ignores_the_others(rows):
+  from models.llama import int8_matmul
+  from models.quantize import _quantize
+
+  rng = np.random.default_rng(rows)
+  w = jnp.asarray(rng.normal(size=(64, 96)), jnp.float32)
+  h = jnp.asarray(rng.normal(size=(rows, 64)) * rng.uniform(0.1, 10, size=(rows, 1)), jnp.float32)
+  wq, scale = _quantize(w, axis=0)
+  got = int8_matmul(h, wq, scale, contract=0)
+  ref = h @ w
+  assert got.shape == (rows, 96)
+  assert float(jnp.abs(got - ref).max() / jnp.abs(ref).max()) < 0.02
+  # Per-row activation scales and exact int32 sums: batching never changes a row's result.
+  alone = jnp.concatenate([int8_matmul(h[i : i + 1], wq, scale, contract=0) for i in range(rows)])
+  np.testing.assert_array_equal(got, alone)
+  # The tied head contracts the other axis of a [N, K] matrix.
+  np.testing.assert_array_equal(int8_matmul(h, wq.T, scale, contract=1), got)

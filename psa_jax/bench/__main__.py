@@ -1,6 +1,7 @@
 """`python -m psa_jax.bench --study=...`: the benchmark studies. Flags become frozen configs at once.
 
   --study=e2e     decode throughput / latency of the engine, dense vs top-k vs PSA (study 4)
+  --study=peers   the same decode measured on transformers and llama.cpp (study 4's peers; `make bench-peers`)
   --study=kernel  decode attention time against context on synthetic sparse inputs (study 1)
   --study=fidelity  output error against KV blocks read on the default model's real q/k/v (study 2)
   --study=tasks     retrieval accuracy and perplexity against KV blocks read (study 3)
@@ -14,9 +15,10 @@ import pathlib
 
 from absl import app, flags, logging
 
-from psa_jax.bench import e2e, fidelity, kernel, sharding, tasks
+from psa_jax.bench import e2e, fidelity, kernel, peers, sharding, tasks
 
-_STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "kernel", "fidelity", "tasks", "sharding"], "Which study to run.")
+_STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "peers", "kernel", "fidelity", "tasks", "sharding"],
+                           "Which study to run.")
 _OUT = flags.DEFINE_string("out_dir", "bench_results", "Where JSON results and PNG plots go.")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
 _CONTEXTS = flags.DEFINE_list("contexts", None, "Context lengths (tokens).")
@@ -29,8 +31,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight 
 _WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"], "Weight format (e2e).")
 _IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"], "Kernel implementation (kernel study).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per point (kernel).")
-_SAMPLES = flags.DEFINE_integer("samples", 3, "Prompts per task and context (tasks).")
+_SAMPLES = flags.DEFINE_integer("samples", 2, "Prompts per task and context (tasks).")
 _PPL_CONTEXT = flags.DEFINE_integer("ppl_context", 4096, "Tokens of prose for the perplexity run (tasks).")
+_PEERS = flags.DEFINE_list("peers", list(peers.PeersConfig.peers), "Peers to measure (peers).")
 _MESHES = flags.DEFINE_list("meshes", list(sharding.ShardingConfig.meshes),
                             "Meshes to compare (sharding): 'none' or 'data=N,model=M'.")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", None, "Force this many CPU devices (sharding; CPU only).")
@@ -58,6 +61,11 @@ def main(argv):
         decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, dtype=_DTYPE.value,
         weights=_WEIGHTS.value)
     e2e.run(config, out)
+  elif _STUDY.value == "peers":
+    config = peers.PeersConfig(contexts=contexts or peers.PeersConfig.contexts,
+                               batches=tuple(int(x) for x in _BATCHES.value), peers=tuple(_PEERS.value),
+                               decode_steps=_DECODE_STEPS.value)
+    peers.run(config, out)
   elif _STUDY.value == "tasks":
     config = tasks.TasksConfig(model=_MODEL.value, contexts=contexts or tasks.TasksConfig.contexts,
                                samples=_SAMPLES.value, ppl_context=_PPL_CONTEXT.value)
