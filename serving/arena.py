@@ -36,7 +36,7 @@ def page_bytes(config: ModelConfig, block_size: int, dtype) -> int:
 
 def device_memory_bytes() -> int:
   """Memory of the first device; on CPU, the machine's physical memory."""
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   if "bytes_limit" in stats:
     return int(stats["bytes_limit"])
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -12,6 +12,7 @@ import math
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 
@@ -28,15 +29,26 @@ WIDE = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, num_layers=2, n
 PROMPTS = [[5, 9, 17, 4, 30], list(range(4, 40)), [(7 * i) % 250 + 4 for i in range(70)]]
 
 
-def _in_subprocess(scenario: str, devices: int = 8, **kwargs):
+def _start(scenario: str, devices: int | None = 8, **kwargs) -> subprocess.Popen:
   code = (f"import json, tests.test_sharding as t\n"
           f"print('RESULT ' + json.dumps(t.{scenario}(**{kwargs!r})))")
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PSA_JAX_QUIET="1")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=900)
-  assert proc.returncode == 0, proc.stderr[-6000:]
-  line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+  env = dict(os.environ, PSA_JAX_QUIET="1")
+  env.pop("XLA_FLAGS", None)
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen):
+  stdout, stderr = proc.communicate(timeout=900)
+  assert proc.returncode == 0, stderr[-6000:]
+  line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
   return json.loads(line.removeprefix("RESULT "))
+
+
+def _in_subprocess(scenario: str, devices: int = 8, **kwargs):
+  return _result(_start(scenario, devices, **kwargs))
 
 
 def _greedy_on_meshes(model, meshes, prompts, max_tokens):
@@ -77,6 +89,18 @@ def _scenario_default_model(meshes):
   prompts = [lm.tokenizer.encode(text) for text in (
       "The capital of France is", "def fibonacci(n):\n    ", "List three colours of the rainbow, then explain " * 6)]
   return _greedy_on_meshes(lm.model, meshes, prompts, 6)
+
+
+def _scenario_one_of_two_processes(process_id, port, mesh):
+  """One host of a two-host run (two CPU devices each), joined through jax.distributed."""
+  import jax
+
+  from models.parallel import initialize_distributed
+
+  jax.config.update("jax_num_cpu_devices", 2)
+  initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
+  assert len(jax.devices()) == 4 and len(jax.local_devices()) == 2
+  return _scenario_wide_model([mesh])[mesh]
 
 
 def _scenario_decode_hlo(mesh):
@@ -140,6 +164,17 @@ def test_default_model_greedy_text_is_the_same_on_every_mesh():
   for mesh in meshes[1:]:
     assert results[mesh] == results["none"], mesh
   assert all(len(tokens) == 6 for tokens in results["none"]["dense"])
+
+
+def test_two_processes_serve_in_step_and_match_one_device():
+  with socket.socket() as sock:  # a free port for the coordinator
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  hosts = [_start("_scenario_one_of_two_processes", None, process_id=i, port=port, mesh="data=2,model=2")
+           for i in range(2)]
+  alone = _in_subprocess("_scenario_wide_model", devices=1, meshes=["none"])["none"]
+  for host in hosts:
+    assert _result(host) == alone
 
 
 def test_decode_step_never_gathers_the_kv_arena():
