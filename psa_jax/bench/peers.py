@@ -94,7 +94,8 @@ def llama_cpp_rows(config: PeersConfig, path) -> list[dict]:
     ttft = time.perf_counter() - start
     timed = 0.0
     for step in range(config.decode_steps + 1):
-      token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+      # The high-level API keeps no logits unless logits_all; read the last token's from the context.
+      token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
       start = time.perf_counter()
       llm.eval([token])
       if step:
