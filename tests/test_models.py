@@ -197,3 +197,23 @@ def test_missing_model_says_what_was_looked_for():
 def test_default_model_alias_resolves_to_the_wheel():
   assert checkpoint.resolve("smollm2-135m-instruct") == checkpoint.resolve(None)
   assert checkpoint.resolve(None).suffix == ".gguf"
+
+
+@pytest.mark.parametrize("t,c,start,query_chunk", [(40, 48, 0, 512), (512, 528, 0, 512), (300, 1000, 500, 128),
+                                                    (700, 2048, 100, 512)])
+def test_prefill_attention_equals_a_plain_causal_softmax(t, c, start, query_chunk):
+  """The key-block loop with causal skipping, on contexts that are and are not multiples of the key block."""
+  import jax
+  from models.llama import _causal_context_attention
+
+  rng = np.random.default_rng(t)
+  b, hq, h, d = 2, 6, 2, 16
+  q = jnp.asarray(rng.normal(size=(b, t, hq, d)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, h, c, d)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, h, c, d)), jnp.float32)
+  positions = jnp.minimum(jnp.arange(t)[None] + start + 3 * jnp.arange(b)[:, None], c - 1)
+  logits = jnp.einsum("bthgd,bhcd->bhgtc", q.reshape(b, t, h, hq // h, d), k) / np.sqrt(d)
+  logits = jnp.where((jnp.arange(c)[None, None, :] <= positions[:, :, None])[:, None, None], logits, -jnp.inf)
+  want = jnp.einsum("bhgtc,bhcd->bthgd", jax.nn.softmax(logits, axis=-1), v).reshape(b, t, hq, d)
+  got = _causal_context_attention(q, k, v, positions, query_chunk)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
