@@ -73,7 +73,8 @@ def main(argv):
   elif _STUDY.value == "sharding":
     config = sharding.ShardingConfig(
         model=_MODEL.value, meshes=tuple(_MESHES.value), context=int(contexts[0]) if contexts else 1024,
-        batch=int(_BATCHES.value[-1]), attentions=tuple(a for a in _ATTENTIONS.value if a != "topk") or ("psa",),
+        batch=int(_BATCHES.value[-1]),
+        attentions=tuple(_ATTENTIONS.value) if _ATTENTIONS.present else sharding.ShardingConfig.attentions,
         decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value)
     sharding.run(config, out)
   elif _STUDY.value == "fidelity":
