@@ -13,7 +13,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.sharding import Mesh
 
 from models import parallel

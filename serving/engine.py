@@ -96,7 +96,7 @@ class Engine:
     if config.max_context > c.max_context:
       raise ValueError(f"max_context {config.max_context} exceeds the model's {c.max_context}")
     self.mesh = _resolve_mesh(config.mesh, c)
-    if self.mesh is not None:
+    if self.mesh is not None:  # places the caller's model on the mesh in place (no second copy of the weights)
       parallel.shard_model(model, self.mesh)
     if num_pages is None:
       self.arena = KVArena.from_budget(c, config.kv_memory, block_size=config.block_size, dtype=model.dtype,
