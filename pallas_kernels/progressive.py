@@ -229,12 +229,17 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
     k = k_pages[pages].reshape(g * c * s, d)
     v = v_pages[pages].reshape(g * c * s, d)
     token = logical[:, None] * s + jnp.arange(s)[None, :]
-    token_ok = (in_budget[:, None] & (token < length)).reshape(1, g * c * s)
-    logits = jnp.where(token_ok, _dot_t(q, k) * sm_scale, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+    token_ok = (in_budget[:, None] & (token < length)).reshape(g * c * s, 1)
+    # Token-major logits [g*C*S, Gp]: the gathered keys enter the matmul as its left operand in their natural
+    # layout. Written as q @ k.T, XLA:CPU materialized a transposed copy of every gathered chunk, which took ~2/3 of
+    # the loop's time (profiled in session 3).
+    precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
+    logits = jnp.dot(k, q.astype(k.dtype).T, preferred_element_type=jnp.float32, precision=precision)
+    logits = jnp.where(token_ok, logits * sm_scale, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=0))
     correction = jnp.exp(m - m_new)
-    p = jnp.where(token_ok, jnp.exp(logits - m_new[:, None]), 0.0)  # [Gp, g*C*S]
-    chunk_mass = p.reshape(gp, g, c * s).sum(-1)  # [Gp, g]
+    p = jnp.where(token_ok, jnp.exp(logits - m_new[None, :]), 0.0)  # [g*C*S, Gp]
+    chunk_mass = p.reshape(g, c * s, gp).sum(1).T  # [Gp, g]
     gathered = l[:, None] * correction[:, None] + jnp.cumsum(chunk_mass, axis=-1)  # after each chunk
     ends = jnp.minimum(start + (sub + 1) * c, limit)  # [g] blocks visited after each chunk
     begins = jnp.minimum(start + sub * c, limit)
@@ -257,10 +262,10 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
     stop = stop & (begins < limit)  # chunks past the budget never ran
     done = jnp.any(stop)
     last = jnp.where(done, jnp.argmax(stop), g - 1)
-    keep = (jnp.repeat(sub, c * s) <= last)[None, :]
-    precision = lax.Precision.HIGHEST if v.dtype == jnp.float32 else None
-    o_new = o * correction[:, None] + jnp.dot(jnp.where(keep, p, 0.0).astype(v.dtype), v,
-                                              preferred_element_type=jnp.float32, precision=precision)
+    keep = (jnp.repeat(sub, c * s) <= last)[:, None]
+    pv = lax.dot_general(jnp.where(keep, p, 0.0).astype(v.dtype), v, (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32, precision=precision)  # [Gp, D]
+    o_new = o * correction[:, None] + pv
     return i + 1, o_new, m_new, gathered[:, last], ends[last], done
 
   init = (jnp.int32(0), jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32),

@@ -40,9 +40,13 @@ def block_scores_reference(
   """
   valid = jnp.arange(block_table.shape[1])[None, :] < num_blocks(lengths, block_size)[:, None]  # [B, M]
   pages = jnp.where(valid, block_table, 0)
-  take = lambda s: jnp.moveaxis(s[:, pages].astype(jnp.float32), 0, 1)  # [B, H, M, D]
+  # One gather per head (rows of D contiguous values) lands in [B, H, M, D] directly; indexing s[:, pages] gathered
+  # [H, D] slices across heads and transposed them after, ~2x slower on cold summaries.
+  take = lambda s: jax.vmap(lambda s_h: s_h[pages], out_axes=1)(s).astype(jnp.float32)  # [B, H, M, D]
   qf = q.astype(jnp.float32)
-  dot = lambda a, k: jnp.einsum("bhgd,bhmd->bhgm", a, k, precision=jax.lax.Precision.HIGHEST)
+  # Block-major product, transposed after: the gathered summaries stay the matmul's left operand in their own
+  # layout (as "bhgd,bhmd->bhgm", XLA:CPU copied them transposed first).
+  dot = lambda a, k: jnp.swapaxes(jnp.einsum("bhmd,bhgd->bhmg", k, a, precision=jax.lax.Precision.HIGHEST), 2, 3)
   if score == "mean":
     s = dot(qf, take(summaries.kmean))
   elif score == "minmax":
@@ -50,6 +54,25 @@ def block_scores_reference(
   else:
     raise ValueError(f"unknown score kind {score!r}")
   return jnp.where(valid[:, None, None, :], s * sm_scale, NEG_INF)
+
+
+def _descending_order(crit: jax.Array, forced: jax.Array, valid: jax.Array) -> jax.Array:
+  """Block ids [..., M]: forced blocks first, then valid ones by descending `crit` (in [0, 1]), then the rest;
+  ties in ascending id.
+
+  One sort of packed int32 keys: the high bits rank the block (the float32 bits of a non-negative `crit` order
+  like the value), the low ceil(log2 M) bits hold its id. Dropping that many low mantissa bits merges values
+  closer than ~2^(log2 M - 23) relative, which then go by id. XLA:CPU sorts one int32 operand ~5x faster than
+  the (value, id) pair of an argsort (0.04 vs 0.2 ms for [3, 512], measured in session 3).
+  """
+  m = crit.shape[-1]
+  id_bits = max(1, (m - 1).bit_length())
+  id_mask = (1 << id_bits) - 1
+  bits = jax.lax.bitcast_convert_type(jnp.clip(crit, 0.0, 1.0).astype(jnp.float32), jnp.int32)  # <= 0x3F800000
+  one = 0x3F800000
+  rank = jnp.where(forced, 0, jnp.where(valid, one + (1 << id_bits) - bits, 2 * one))  # ascending = visit order
+  key = (rank & ~id_mask) | jnp.arange(m, dtype=jnp.int32)
+  return jax.lax.sort(key, dimension=key.ndim - 1) & id_mask
 
 
 class VisitPlan(NamedTuple):
@@ -105,8 +128,7 @@ def plan_visits(
   share = jnp.exp(log_mass - jnp.where(jnp.isfinite(lse), lse, 0.0))
   crit = jnp.max(share, axis=2)  # [B, H, M]
   forced = valid & ((j[None, :] < sink_blocks) | (j[None, :] >= n[:, None] - local_blocks))  # [B, M]
-  key = jnp.where(forced[:, None, :], 2.0, jnp.where(valid[:, None, :], crit, -1.0))
-  order = jnp.argsort(-key, axis=-1, stable=True).astype(jnp.int32)
+  order = _descending_order(crit, forced[:, None, :], valid[:, None, :])
   n_forced = jnp.sum(forced, axis=-1).astype(jnp.int32)
   if budget is None:
     limit = n

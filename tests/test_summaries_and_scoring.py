@@ -89,3 +89,32 @@ def test_visit_order_puts_forced_blocks_first_then_descending_criticality():
   # log_remaining[i] is the estimated mass of blocks order[i:], in logs.
   masses = np.exp(np.asarray(scores[0, 0, 0, :8])) * ntok
   np.testing.assert_allclose(np.exp(plan.log_remaining[0, 0, 0, 3]), masses[order[3:8]].sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("m", [2, 10, 512, 8192])
+def test_visit_order_sorts_by_criticality_to_its_precision_and_breaks_ties_by_block_id(m):
+  rng = np.random.default_rng(m)
+  crit = rng.uniform(size=(2, 3, m)).astype(np.float32) ** 4  # spans several binades
+  crit[..., 1::7] = crit[..., :1]  # exact ties with block 0
+  forced = rng.uniform(size=(2, 1, m)) < 0.05
+  valid = np.arange(m)[None, None, :] < rng.integers(1, m + 1, size=(2, 1, 1))
+  forced &= valid
+  order = np.asarray(selection._descending_order(jnp.asarray(crit), jnp.asarray(forced), jnp.asarray(valid)))
+  for b in range(2):
+    for h in range(3):
+      o = order[b, h]
+      assert sorted(o.tolist()) == list(range(m))
+      n_forced, n_valid = int(forced[b, 0].sum()), int(valid[b, 0].sum())
+      assert forced[b, 0, o[:n_forced]].all() and (np.diff(o[:n_forced]) > 0).all()
+      assert not valid[b, 0, o[n_valid:]].any() and (np.diff(o[n_valid:]) > 0).all()
+      ranked = crit[b, h, o[n_forced:n_valid]]
+      # Non-increasing up to the packing's precision: 2^-(23 - id bits) relative.
+      tolerance = 2.0 ** -(23 - max(1, (m - 1).bit_length())) * 2
+      assert (ranked[1:] <= ranked[:-1] * (1 + tolerance)).all()
+      ids = o[n_forced:n_valid]
+      for value in np.unique(ranked):
+        tied = ids[ranked == value]
+        assert (np.diff(tied) > 0).all()
+      if m <= 16:  # well separated: exactly a stable argsort
+        key = np.where(forced[b, 0], 2.0, np.where(valid[b, 0], crit[b, h], -1.0))
+        np.testing.assert_array_equal(o, np.argsort(-key, kind="stable"))
