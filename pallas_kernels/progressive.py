@@ -279,10 +279,11 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
 
 def progressive_attention_xla(
     q, k_pages, v_pages, block_table, order, log_remaining, info, tau, *, group, chunk_blocks, sm_scale,
-    estimator, chunks_per_step: int = 8,
+    estimator, chunks_per_step: int = 8, heads: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The same decisions as plain XLA ops: the CPU path. Same signature and results as
-  `progressive_attention_pallas`; `chunks_per_step` chunks are computed per loop iteration.
+  `progressive_attention_pallas`; `chunks_per_step` chunks are computed per loop iteration. `heads`: the KV
+  heads of the pool that q's head axis stands for (None: all of them, in order).
 
   One loop per KV head, each vmapped over the batch. The heads' loops are independent, so XLA:CPU runs them side
   by side on its threads and each stops on its own; one loop vmapped over heads as well ran every head until the
@@ -302,8 +303,8 @@ def progressive_attention_xla(
                       v_pages, log_rem_b, head=head, group=group, block_size=s, chunk_blocks=chunk_blocks,
                       chunks_per_step=chunks_per_step, sm_scale=sm_scale, estimator=estimator)
 
+  heads = tuple(range(h)) if heads is None else heads
   outs, used = zip(*(
-      jax.vmap(functools.partial(one, head=head))(q[:, head], block_table, order[:, head],
-                                                  log_remaining[:, head], info, tau)
-      for head in range(h)))
+      jax.vmap(functools.partial(one, head=head))(q[:, i], block_table, order[:, i], log_remaining[:, i], info, tau)
+      for i, head in enumerate(heads)))
   return jnp.stack(outs, axis=1).astype(q.dtype), jnp.stack(used, axis=1)

@@ -32,8 +32,11 @@ def block_scores_reference(
     block_size: int,
     score: str,
     sm_scale: float,
+    heads: tuple[int, ...] | None = None,
 ) -> jax.Array:
   """Estimated scaled logit of each block, per query head: [B, H, Gp, M], -inf past the sequence.
+
+  heads: the KV heads of the summaries that q's head axis stands for (None: all of them, in order).
 
   "mean": q . mean_k. "minmax": Quest's bound max_k q . k <= sum_d max(q_d kmin_d, q_d kmax_d), written as
   q+ . kmax + q- . kmin so that it is two matmuls.
@@ -42,7 +45,10 @@ def block_scores_reference(
   pages = jnp.where(valid, block_table, 0)
   # One gather per head (rows of D contiguous values) lands in [B, H, M, D] directly; indexing s[:, pages] gathered
   # [H, D] slices across heads and transposed them after, ~2x slower on cold summaries.
-  take = lambda s: jax.vmap(lambda s_h: s_h[pages], out_axes=1)(s).astype(jnp.float32)  # [B, H, M, D]
+  if heads is None:
+    take = lambda s: jax.vmap(lambda s_h: s_h[pages], out_axes=1)(s).astype(jnp.float32)  # [B, H, M, D]
+  else:  # a gather at each static head, never a slice of the summaries that XLA could copy
+    take = lambda s: jnp.stack([s[h, pages] for h in heads], axis=1).astype(jnp.float32)
   qf = q.astype(jnp.float32)
   # Block-major product, transposed after: the gathered summaries stay the matmul's left operand in their own
   # layout (as "bhgd,bhmd->bhgm", XLA:CPU copied them transposed first).

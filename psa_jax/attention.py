@@ -99,7 +99,6 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
   batch, q_heads, head_dim = q.shape
   kv_heads, _, block_size, _ = k_pages.shape
   group = q_heads // kv_heads
-  sm_scale = 1.0 / math.sqrt(head_dim)
   chunk = config.chunk_blocks
   lengths = lengths.astype(jnp.int32)
   block_table = block_table.astype(jnp.int32)
@@ -114,7 +113,28 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
     width = -(-block_table.shape[1] // chunk) * chunk
   qg = _pad_axis(qg, 2, gp)
   block_table = _pad_axis(block_table, 1, width)
+  run = functools.partial(_attend, k_pages=k_pages, v_pages=v_pages, block_table=block_table, lengths=lengths,
+                          summaries=summaries, tau=tau, kind=kind, config=config, impl=impl, interpret=interpret,
+                          group=group)
+  if impl == "xla" and kind != "dense":
+    # One scoring, plan and loop per KV head. They are independent, so XLA:CPU overlaps one head's scoring with
+    # another's loop on its threads (the loop alone per head: see progressive_attention_xla).
+    outs, used = zip(*(run(qg[:, h:h + 1], heads=(h,)) for h in range(kv_heads)))
+    out, used = jnp.concatenate(outs, axis=1), jnp.concatenate(used, axis=1)
+  else:
+    out, used = run(qg, heads=None)
+  out = out[:, :, :group].reshape(batch, q_heads, head_dim).astype(q.dtype)
+  return out, used
 
+
+def _attend(qg, *, k_pages, v_pages, block_table, lengths, summaries, tau, kind, config, impl, interpret, group,
+            heads):
+  """Attention of the query groups qg [B, h, Gp, D] against KV heads `heads` of the pool (None: all, h = H).
+  Returns out [B, h, Gp, D] (float32) and blocks used [B, h]."""
+  batch, _, _, head_dim = qg.shape
+  block_size = k_pages.shape[2]
+  sm_scale = 1.0 / math.sqrt(head_dim)
+  chunk = config.chunk_blocks
   plan = None
   if kind != "dense":
     score_kwargs = dict(block_size=block_size, score=config.score, sm_scale=sm_scale)
@@ -122,7 +142,7 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
       info = jnp.zeros((batch, progressive.INFO_WIDTH), jnp.int32).at[:, progressive.LENGTH].set(lengths)
       scores = scoring.block_scores_pallas(qg, summaries, block_table, info, interpret=interpret, **score_kwargs)
     else:
-      scores = selection.block_scores_reference(qg, summaries, block_table, lengths, **score_kwargs)
+      scores = selection.block_scores_reference(qg, summaries, block_table, lengths, heads=heads, **score_kwargs)
     plan = selection.plan_visits(
         scores, lengths, group=group, block_size=block_size, sink_blocks=config.sink_blocks,
         local_blocks=config.local_blocks,
@@ -133,27 +153,24 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
   if impl == "reference":
     if plan is None:
       out = reference.dense_reference(qg, k_pages, v_pages, block_table, lengths, sm_scale=sm_scale)
-      used = jnp.broadcast_to(selection.num_blocks(lengths, block_size)[:, None], (batch, kv_heads))
+      used = jnp.broadcast_to(selection.num_blocks(lengths, block_size)[:, None], (batch, qg.shape[1]))
     else:
       out, used = reference.ordered_attention_reference(
           qg, k_pages, v_pages, block_table, lengths, plan, tau, chunk_blocks=chunk, sm_scale=sm_scale,
           estimator=estimator)
-  else:
-    n = selection.num_blocks(lengths, block_size)
-    limit = n if plan is None else plan.limit
-    n_forced = jnp.zeros_like(n) if plan is None else plan.n_forced
-    info = jnp.stack([lengths, limit, n_forced, jnp.zeros_like(n)], axis=1)
-    args = (qg, k_pages, v_pages, block_table,
-            None if plan is None else plan.order,
-            plan.log_remaining if estimator in ("score_mass", "estimate") else None,
-            info, tau)
-    kwargs = dict(group=group, chunk_blocks=chunk, sm_scale=sm_scale, estimator=estimator)
-    if impl == "pallas":
-      out, used = progressive.progressive_attention_pallas(*args, interpret=interpret, **kwargs)
-    else:
-      out, used = progressive.progressive_attention_xla(*args, **kwargs)
-  out = out[:, :, :group].reshape(batch, q_heads, head_dim).astype(q.dtype)
-  return out, used
+    return out, used
+  n = selection.num_blocks(lengths, block_size)
+  limit = n if plan is None else plan.limit
+  n_forced = jnp.zeros_like(n) if plan is None else plan.n_forced
+  info = jnp.stack([lengths, limit, n_forced, jnp.zeros_like(n)], axis=1)
+  args = (qg, k_pages, v_pages, block_table,
+          None if plan is None else plan.order,
+          plan.log_remaining if estimator in ("score_mass", "estimate") else None,
+          info, tau)
+  kwargs = dict(group=group, chunk_blocks=chunk, sm_scale=sm_scale, estimator=estimator)
+  if impl == "pallas":
+    return progressive.progressive_attention_pallas(*args, interpret=interpret, **kwargs)
+  return progressive.progressive_attention_xla(*args, heads=heads, **kwargs)
 
 
 def _run(kind, q, k_pages, v_pages, block_table, lengths, summaries, config, tau, impl, interpret):
