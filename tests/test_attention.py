@@ -75,6 +75,22 @@ def test_psa_matches_oracle(impl, dtype, config):
   close(out, ref_out, dtype)
 
 
+@pytest.mark.parametrize("config", [
+    PSAConfig(tau=0.9),
+    PSAConfig(tau=0.6, chunk_blocks=1),
+    PSAConfig(tau=0.95, estimator="score_mass"),
+    PSAConfig(tau=0.8, estimator="estimate", chunk_blocks=2),
+], ids=["last_chunk", "one_block_chunks", "score_mass", "top_p_estimate"])
+def test_xla_path_for_a_single_sequence_matches_oracle(config):
+  # Batch 1 is the XLA path's other code path: it reads values only for the chunks before the stop point.
+  x = inputs(group=3, seed=2, lengths=(1000,), heavy_blocks=2, strength=3.0)
+  out, used = psa_attention(*x, config, impl="xla")
+  ref_out, ref_used = psa_attention(*x, config, impl="reference")
+  np.testing.assert_array_equal(used, ref_used)
+  close(out, ref_out, jnp.float32)
+  assert (np.asarray(used) % (8 * config.chunk_blocks) != 0).any()  # some head stopped inside a wide iteration
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("score", ["minmax", "mean"])
 def test_topk_matches_oracle(impl, score):
