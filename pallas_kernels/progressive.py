@@ -204,7 +204,7 @@ def progressive_attention_pallas(
 
 
 def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, log_rem, *, head, group, block_size,
-               chunk_blocks, chunks_per_step, sm_scale, estimator, lazy_values):
+               chunk_blocks, chunks_per_step, sm_scale, estimator):
   """`progressive_loop` for the XLA path, `chunks_per_step` chunks per iteration.
 
   On a CPU each loop iteration has a fixed cost that dwarfs a 4-block chunk's arithmetic, so one iteration
@@ -213,9 +213,6 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
   output, are those of the one-chunk loop; the extra chunks are computed and dropped.
   Arrays are one (sequence, KV head): order [M], table [M], log_rem [Gp, M]; the pages are the whole pool
   [H, P, S, D], read at the static `head` (a gather, never a slice that XLA could copy).
-  lazy_values: read the values only once the stop point is known, so the chunks computed past it read page 0
-    (cached) instead of theirs. Faster for one sequence per loop (PSA at 8K: -12%), slower when the loop is
-    vmapped over a batch, where the value read can no longer run beside the key read (+5-30%, session 3).
   """
   gp, d = q.shape
   c, s, g = chunk_blocks, block_size, chunks_per_step
@@ -239,8 +236,7 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
     logical = jnp.where(in_budget, order[jnp.minimum(position, m_slots - 1)], 0)
     pages = jnp.where(in_budget, table[logical], 0)
     k = rows(k_pages, pages)
-    if not lazy_values:
-      v = rows(v_pages, pages)
+    v = rows(v_pages, pages)
     token = logical[:, None] * s + jnp.arange(s)[None, :]
     token_ok = (in_budget[:, None] & (token < length)).reshape(g * c * s, 1)
     # Token-major logits [g*C*S, Gp]: the gathered keys enter the matmul as its left operand in their natural
@@ -276,8 +272,6 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
     done = jnp.any(stop)
     last = jnp.where(done, jnp.argmax(stop), g - 1)
     keep = (jnp.repeat(sub, c * s) <= last)[:, None]
-    if lazy_values:
-      v = rows(v_pages, jnp.where(jnp.repeat(sub, c) <= last, pages, 0))
     pv = lax.dot_general(jnp.where(keep, p, 0.0).astype(v.dtype), v, (((0,), (0,)), ((), ())),
                          preferred_element_type=jnp.float32, precision=precision)  # [Gp, D]
     o_new = o * correction[:, None] + pv
@@ -314,7 +308,7 @@ def progressive_attention_xla(
   def one(q_b, table_b, order_b, log_rem_b, info_b, tau_b, *, head):
     return _wide_loop(q_b, info_b[LENGTH], info_b[LIMIT], info_b[N_FORCED], tau_b, order_b, table_b, k_pages,
                       v_pages, log_rem_b, head=head, group=group, block_size=s, chunk_blocks=chunk_blocks,
-                      chunks_per_step=chunks_per_step, sm_scale=sm_scale, estimator=estimator, lazy_values=b == 1)
+                      chunks_per_step=chunks_per_step, sm_scale=sm_scale, estimator=estimator)
 
   heads = tuple(range(h)) if heads is None else heads
   outs, used = zip(*(

@@ -81,8 +81,8 @@ def test_psa_matches_oracle(impl, dtype, config):
     PSAConfig(tau=0.95, estimator="score_mass"),
     PSAConfig(tau=0.8, estimator="estimate", chunk_blocks=2),
 ], ids=["last_chunk", "one_block_chunks", "score_mass", "top_p_estimate"])
-def test_xla_path_for_a_single_sequence_matches_oracle(config):
-  # Batch 1 is the XLA path's other code path: it reads values only for the chunks before the stop point.
+def test_xla_path_for_a_single_long_sequence_matches_oracle(config):
+  # One sequence whose heads stop at different points inside the XLA path's wide iterations.
   x = inputs(group=3, seed=2, lengths=(1000,), heavy_blocks=2, strength=3.0)
   out, used = psa_attention(*x, config, impl="xla")
   ref_out, ref_used = psa_attention(*x, config, impl="reference")
