@@ -12,6 +12,7 @@ from flax import nnx
 from models.kv_pages import PagedKV
 from models.llama import Decoder
 from models.sampling import sample
+from pallas_kernels.storage import storage_dtype
 from psa_jax.backend import AttentionBackend
 
 
@@ -22,14 +23,14 @@ def _bucket(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << (n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "max_new_tokens", "block_size"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "max_new_tokens", "block_size", "kv_storage"))
 def _generate(graphdef, state, tokens, n_prompt, n_new, stop_ids, temperature, top_p, top_k, tau, seed, *,
-              attention, max_new_tokens, block_size):
+              attention, max_new_tokens, block_size, kv_storage):
   model = nnx.merge(graphdef, state)
   c = model.config
   t = tokens.shape[0]
   width = -(-(t + max_new_tokens) // block_size)
-  kv = PagedKV.zeros(c.num_kv_heads, c.num_layers * width, block_size, c.head_dim, model.dtype)
+  kv = PagedKV.zeros(c.num_kv_heads, c.num_layers * width, block_size, c.head_dim, kv_storage)
   tables = jnp.arange(c.num_layers * width, dtype=jnp.int32).reshape(c.num_layers, 1, width)
   x, kv = model.prefill(tokens[None], jnp.zeros((1,), jnp.int32), n_prompt[None], kv, tables)
   logits = model.logits(x[0, n_prompt - 1])[None]
@@ -66,9 +67,11 @@ def generate(
     stop_ids: tuple[int, ...] | None = None,
     tau: float | None = None,
     block_size: int = 16,
+    kv_dtype=None,
 ) -> list[int]:
   """Generates up to `max_new_tokens` after `prompt` (token ids), stopping after a stop token (included in
-  the result). Stop ids default to the model's eos tokens. Greedy when temperature is 0."""
+  the result). Stop ids default to the model's eos tokens. Greedy when temperature is 0. kv_dtype: the KV
+  cache's dtype (default: the model's), as the engine's `EngineConfig.kv_dtype`."""
   if not prompt:
     raise ValueError("prompt must hold at least one token")
   if max_new_tokens < 1:
@@ -86,5 +89,6 @@ def generate(
   out, n = _generate(graphdef, state, tokens, jnp.int32(len(prompt)), jnp.int32(max_new_tokens),
                      jnp.asarray(stop, jnp.int32),
                      jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k), jnp.float32(tau), jnp.int32(seed),
-                     attention=attention, max_new_tokens=_bucket(max_new_tokens, 1), block_size=block_size)
+                     attention=attention, max_new_tokens=_bucket(max_new_tokens, 1), block_size=block_size,
+                     kv_storage=storage_dtype(model.dtype if kv_dtype is None else kv_dtype))
   return [int(x) for x in out[: int(n)]]

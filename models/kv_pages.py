@@ -1,6 +1,7 @@
 """The paged KV cache as the model sees it: one pool of pages shared by every layer and sequence.
 
-  k, v:       [kv_heads, num_pages, block_size, head_dim]
+  k, v:       [kv_heads, num_pages, block_size, head_dim], in the KV dtype or packed bfloat16 (CPU; see
+              pallas_kernels/storage.py: written through `pack`, read through `unpack`)
   summaries:  BlockSummaries, each [kv_heads, num_pages, head_dim]
 A block table [layers, batch, max_blocks] maps (layer, sequence, logical block) to a page; who owns which page
 is the serving arena's business (serving/), not the model's.
@@ -13,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.storage import pack, unpack, value_dtype
 from pallas_kernels.summaries import BlockSummaries, update_summaries
 
 
@@ -23,9 +25,10 @@ class PagedKV(NamedTuple):
 
   @classmethod
   def zeros(cls, kv_heads: int, num_pages: int, block_size: int, head_dim: int, dtype=jnp.bfloat16) -> "PagedKV":
+    """An empty pool whose pages are stored as `dtype` (a storage dtype: `storage.storage_dtype(kv_dtype)`)."""
     # Distinct buffers: the arena is donated, and one buffer may not be donated twice.
     pages = lambda: jnp.zeros((kv_heads, num_pages, block_size, head_dim), dtype)
-    return cls(pages(), pages(), BlockSummaries.zeros(kv_heads, num_pages, head_dim, dtype))
+    return cls(pages(), pages(), BlockSummaries.zeros(kv_heads, num_pages, head_dim, value_dtype(dtype)))
 
   @property
   def block_size(self) -> int:
@@ -53,7 +56,7 @@ def write_tokens(
   page = jnp.take_along_axis(block_table, jnp.clip(pos // s, 0, m - 1), axis=1)
   page = jnp.where(valid, page, kv.num_pages)  # out of bounds: dropped by the scatter
   slot = pos % s
-  put = lambda pages, new: pages.at[:, page, slot].set(jnp.moveaxis(new, 2, 0).astype(pages.dtype), mode="drop")
+  put = lambda pages, new: pages.at[:, page, slot].set(pack(jnp.moveaxis(new, 2, 0), pages.dtype), mode="drop")
   k, v = put(kv.k, k_new), put(kv.v, v_new)
 
   n_cols = (t + s - 1) // s + 1  # blocks a span of t tokens can touch
@@ -69,5 +72,5 @@ def gather_context(pages: jax.Array, block_table: jax.Array) -> jax.Array:
   """Contiguous keys or values of each sequence: [B, H, M * S, D] from pages [H, P, S, D] and table [B, M]."""
   h, _, s, d = pages.shape
   b, m = block_table.shape
-  ctx = pages[:, jnp.clip(block_table, 0, pages.shape[1] - 1)]  # [H, B, M, S, D]
+  ctx = unpack(pages[:, jnp.clip(block_table, 0, pages.shape[1] - 1)])  # [H, B, M, S, D]
   return jnp.moveaxis(ctx, 0, 1).reshape(b, h, m * s, d)

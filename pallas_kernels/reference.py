@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.selection import VisitPlan, num_blocks
+from pallas_kernels.storage import unpack
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -21,7 +22,7 @@ def _all_logits(q, k_pages, block_table, lengths, sm_scale):
   m = block_table.shape[1]
   block_ok = jnp.arange(m)[None, :] < num_blocks(lengths, s)[:, None]
   pages = jnp.where(block_ok, block_table, 0)
-  k = jnp.moveaxis(k_pages[:, pages], 0, 1).astype(jnp.float32)  # [B, H, M, S, D]
+  k = jnp.moveaxis(unpack(k_pages[:, pages]), 0, 1).astype(jnp.float32)  # [B, H, M, S, D]
   logits = jnp.einsum("bhgd,bhmsd->bhgms", q.astype(jnp.float32), k, precision=HIGHEST) * sm_scale
   token = jnp.arange(m)[:, None] * s + jnp.arange(s)[None, :]
   token_ok = token[None] < lengths[:, None, None]
@@ -30,7 +31,7 @@ def _all_logits(q, k_pages, block_table, lengths, sm_scale):
 
 def _weighted_values(weights, v_pages, pages):
   """sum_t w_t v_t / sum_t w_t over the selected tokens; zero where nothing was selected."""
-  v = jnp.moveaxis(v_pages[:, pages], 0, 1).astype(jnp.float32)  # [B, H, M, S, D]
+  v = jnp.moveaxis(unpack(v_pages[:, pages]), 0, 1).astype(jnp.float32)  # [B, H, M, S, D]
   num = jnp.einsum("bhgms,bhmsd->bhgd", weights, v, precision=HIGHEST)
   den = jnp.sum(weights, axis=(-2, -1))[..., None]
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)

@@ -1,7 +1,7 @@
 """Per-block key summaries: the small side buffer that block scoring reads instead of the keys.
 
 Layout (beside the KV pages `[kv_heads, num_pages, block_size, head_dim]`):
-  kmin, kmax, kmean: [kv_heads, num_pages, head_dim], in the key dtype.
+  kmin, kmax, kmean: [kv_heads, num_pages, head_dim], in the key dtype (float32 for a packed pool, storage.py).
 
 min/max are exact in the key dtype (they are selections); the mean is reduced in float32 and rounded once.
 """
@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.storage import unpack, value_dtype
 
 
 class BlockSummaries(NamedTuple):
@@ -33,14 +35,14 @@ def summarize_pages(k_pages: jax.Array, page_ids: jax.Array, num_tokens: jax.Arr
   """
   block_size = k_pages.shape[2]
   safe_ids = jnp.clip(page_ids, 0, k_pages.shape[1] - 1)
-  keys = k_pages[:, safe_ids].astype(jnp.float32)  # [h, n, s, d]
+  keys = unpack(k_pages[:, safe_ids]).astype(jnp.float32)  # [h, n, s, d]
   valid = (jnp.arange(block_size)[None, :] < num_tokens[:, None])[None, :, :, None]
   kmin = jnp.min(jnp.where(valid, keys, jnp.inf), axis=2)
   kmax = jnp.max(jnp.where(valid, keys, -jnp.inf), axis=2)
   count = jnp.maximum(num_tokens, 1).astype(jnp.float32)[None, :, None]
   kmean = jnp.sum(jnp.where(valid, keys, 0.0), axis=2) / count
   empty = (num_tokens <= 0)[None, :, None]
-  fix = lambda x: jnp.where(empty, 0.0, x).astype(k_pages.dtype)
+  fix = lambda x: jnp.where(empty, 0.0, x).astype(value_dtype(k_pages.dtype))
   return BlockSummaries(fix(kmin), fix(kmax), fix(kmean))
 
 

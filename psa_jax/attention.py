@@ -2,7 +2,8 @@
 
 Shapes (one query token per sequence):
   q:            [batch, q_heads, head_dim]
-  k_pages:      [kv_heads, num_pages, block_size, head_dim]   (v_pages alike)
+  k_pages:      [kv_heads, num_pages, block_size, head_dim]   (v_pages alike), a float dtype, or uint16 holding
+                bfloat16 bits (the CPU arena's packed storage, pallas_kernels/storage.py)
   block_table:  [batch, max_blocks_per_seq] int32, logical block -> page
   lengths:      [batch] int32, tokens in each sequence (0 allowed: the output is zeros)
   summaries:    BlockSummaries, each [kv_heads, num_pages, head_dim]
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import progressive, reference, scoring, selection
+from pallas_kernels import progressive, reference, scoring, selection, storage
 from pallas_kernels.summaries import BlockSummaries
 from psa_jax.config import IMPLS, DenseConfig, PSAConfig, TopKConfig
 
@@ -53,6 +54,10 @@ def _validate(q, k_pages, v_pages, block_table, lengths, summaries) -> None:
     raise ValueError(f"k_pages must be [kv_heads, num_pages, block_size, head_dim], got shape {k_pages.shape}")
   if v_pages.shape != k_pages.shape:
     raise ValueError(f"v_pages shape {v_pages.shape} differs from k_pages shape {k_pages.shape}")
+  if v_pages.dtype != k_pages.dtype:
+    raise ValueError(f"v_pages dtype {v_pages.dtype} differs from k_pages dtype {k_pages.dtype}")
+  if not (jnp.issubdtype(k_pages.dtype, jnp.floating) or storage.is_packed(k_pages.dtype)):
+    raise ValueError(f"pages must be a float dtype or uint16 (packed bfloat16), got {k_pages.dtype}")
   batch, q_heads, head_dim = q.shape
   kv_heads, num_pages, block_size, page_dim = k_pages.shape
   if page_dim != head_dim:
@@ -113,6 +118,9 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
     width = -(-block_table.shape[1] // chunk) * chunk
   qg = _pad_axis(qg, 2, gp)
   block_table = _pad_axis(block_table, 1, width)
+  if impl == "pallas" and storage.is_packed(k_pages.dtype):
+    # Packing is a CPU storage trick; the kernels read bfloat16 (one copy of the pool per call: tests only).
+    k_pages, v_pages = (jax.lax.bitcast_convert_type(x, jnp.bfloat16) for x in (k_pages, v_pages))
   run = functools.partial(_attend, k_pages=k_pages, v_pages=v_pages, block_table=block_table, lengths=lengths,
                           summaries=summaries, tau=tau, kind=kind, config=config, impl=impl, interpret=interpret,
                           group=group)

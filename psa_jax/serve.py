@@ -29,8 +29,11 @@ _MAX_CONTEXT = flags.DEFINE_integer("max_context", None, "Longest prompt + outpu
 _WINDOW = flags.DEFINE_integer("decode_window", 16, "Decode steps on device between host reads.")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Prompt tokens prefilled per engine step.")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
-                           "Weights and KV dtype. auto: bfloat16 on accelerators, float32 on CPU, where XLA's "
+                           "Weights' dtype. auto: bfloat16 on accelerators, float32 on CPU, where XLA's "
                            "bfloat16 matmuls are several times slower.")
+_KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16", ["model", "float32", "bfloat16"],
+                              "KV cache dtype (model: the weights' dtype). bfloat16, like llama.cpp's f16 cache, "
+                              "halves the arena and the bytes each decode step reads.")
 _WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"],
                              "int8: per-channel int8 weights times per-row int8 activations, int32 accumulation "
                              "(a quarter of float32's bytes per decode step; outputs differ slightly from the "
@@ -71,7 +74,7 @@ def main(argv):
         attention=_ATTENTION.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, block_size=_BLOCK.value,
         kv_memory=kv_memory, max_batch=_MAX_BATCH.value,
         max_context=_MAX_CONTEXT.value or model.config.max_context, decode_window=_WINDOW.value,
-        prefill_chunk=_PREFILL_CHUNK.value, mesh=_MESH.value)
+        prefill_chunk=_PREFILL_CHUNK.value, mesh=_MESH.value, kv_dtype=_KV_DTYPE.value)
     engine = Engine(model, loaded.tokenizer, config)
   except ValueError as e:  # a flag the model or the machine cannot honour
     raise SystemExit(f"psa_jax: {e}") from None

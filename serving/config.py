@@ -33,6 +33,9 @@ class SamplingParams:
       raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
 
 
+KV_DTYPES = ("model", "float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
   """attention: default backend kind ("dense", "topk", "psa"); psa_tau, topk_blocks: their defaults.
@@ -42,6 +45,9 @@ class EngineConfig:
   prefill_chunk: prompt tokens prefilled per engine step, so a long prompt does not stall running decodes.
   mesh: how to spread the model over devices (models/parallel.py): "auto" (every local device, on the model
     axis as far as the head counts divide, the rest on the data axis), "none" (one device), or "data=2,model=4".
+  kv_dtype: the KV cache's dtype: "model" (the model's), "float32" or "bfloat16". bfloat16 halves the arena and
+    the bytes every decode step reads (on CPU it is stored packed, pallas_kernels/storage.py); the entry points
+    (serve, bench) default to it, like llama.cpp's f16 cache.
   """
 
   attention: str = "psa"
@@ -55,6 +61,7 @@ class EngineConfig:
   prefill_chunk: int = 512
   impl: str = "auto"
   mesh: str = "auto"
+  kv_dtype: str = "model"
 
   def __post_init__(self):
     if self.attention not in KINDS:
@@ -67,6 +74,8 @@ class EngineConfig:
     if self.block_size & (self.block_size - 1) or not 16 <= self.block_size <= 128:
       raise ValueError(f"block_size must be a power of two in [16, 128], got {self.block_size}")
     parse_memory(self.kv_memory, total=1)  # validates the spelling
+    if self.kv_dtype not in KV_DTYPES:
+      raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
     if self.mesh not in ("auto", "none"):
       MeshConfig.parse(self.mesh)  # validates the spelling
 

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 from models import parallel
 from models.llama import Decoder
+from pallas_kernels.storage import storage_dtype
 from models.tokenizer import Tokenizer
 from psa_jax.backend import AttentionBackend
 from psa_jax.config import DenseConfig, PSAConfig, TopKConfig
@@ -98,11 +99,13 @@ class Engine:
     self.mesh = _resolve_mesh(config.mesh, c)
     if self.mesh is not None:  # places the caller's model on the mesh in place (no second copy of the weights)
       parallel.shard_model(model, self.mesh)
+    self.kv_storage = storage_dtype(model.dtype if config.kv_dtype == "model" else config.kv_dtype)
     if num_pages is None:
-      self.arena = KVArena.from_budget(c, config.kv_memory, block_size=config.block_size, dtype=model.dtype,
+      self.arena = KVArena.from_budget(c, config.kv_memory, block_size=config.block_size, dtype=self.kv_storage,
                                        mesh=self.mesh)
     else:
-      self.arena = KVArena(c, num_pages=num_pages, block_size=config.block_size, dtype=model.dtype, mesh=self.mesh)
+      self.arena = KVArena(c, num_pages=num_pages, block_size=config.block_size, dtype=self.kv_storage,
+                           mesh=self.mesh)
     self._graphdef, self._state = nnx.split(model)
     self._backends = {
         "dense": AttentionBackend("dense", DenseConfig(), config.impl),
@@ -281,7 +284,7 @@ class Engine:
     for request in list(self.prefilling) + list(self.running):
       self._preempt(request)
     old = self.arena
-    self.arena = KVArena(old.config, num_pages=old.num_pages, block_size=old.block_size, dtype=self.model.dtype,
+    self.arena = KVArena(old.config, num_pages=old.num_pages, block_size=old.block_size, dtype=self.kv_storage,
                          mesh=self.mesh)
 
   def _admit(self) -> None:

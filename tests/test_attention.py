@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from psa_jax import DenseConfig, PSAConfig, TopKConfig, dense_attention, psa_attention, topk_attention
+from pallas_kernels import storage
+from psa_jax import (DenseConfig, PSAConfig, TopKConfig, dense_attention, psa_attention, summarize_pages,
+                     topk_attention)
 from psa_jax.synthetic import synthetic_decode_inputs
 
 # Ragged: a single token, block boundaries on both sides, and lengths that end mid-block.
@@ -176,3 +178,36 @@ def test_dense_config_chunk_does_not_change_result():
   a = dense_attention(x.q, x.k_pages, x.v_pages, x.block_table, x.lengths, DenseConfig(chunk_blocks=1), impl="xla")
   b = dense_attention(x.q, x.k_pages, x.v_pages, x.block_table, x.lengths, DenseConfig(chunk_blocks=8), impl="xla")
   close(a, b, jnp.float32)
+
+
+def packed_and_rounded(x):
+  """The same bfloat16 KV twice: packed (uint16 bits, the CPU arena's storage) and widened to float32."""
+  rounded = lambda p: p.astype(jnp.bfloat16).astype(jnp.float32)
+  k, v = rounded(x.k_pages), rounded(x.v_pages)
+  summaries = summarize_pages(k, jnp.arange(k.shape[1]), jnp.full((k.shape[1],), k.shape[2]))
+  as_float = x._replace(k_pages=k, v_pages=v, summaries=summaries)
+  packed = as_float._replace(k_pages=storage.pack(k, storage.PACKED), v_pages=storage.pack(v, storage.PACKED))
+  return packed, as_float
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
+@pytest.mark.parametrize("kind", ["dense", "topk", "psa"])
+def test_packed_bfloat16_pages_attend_like_their_float32_values(impl, kind):
+  packed, as_float = packed_and_rounded(inputs(group=3, seed=5, heavy_blocks=2, strength=3.0))
+  run = {
+      "dense": lambda x: (dense_attention(*x[:5], impl=impl), None),
+      "topk": lambda x: topk_attention(*x, TopKConfig(k_blocks=2, chunk_blocks=2), impl=impl),
+      "psa": lambda x: psa_attention(*x, PSAConfig(tau=0.8, chunk_blocks=1), impl=impl),
+  }[kind]
+  out, used = run(packed)
+  want_out, want_used = run(as_float)
+  if used is not None:
+    np.testing.assert_array_equal(used, want_used)
+  # The kernels read packed pages as bfloat16 (and round q to it); the XLA path and the oracle widen them.
+  close(out, want_out, jnp.bfloat16 if impl == "pallas" else jnp.float32)
+
+
+def test_pages_of_an_integer_dtype_other_than_packed_are_rejected():
+  x = inputs()
+  with pytest.raises(ValueError, match="float dtype or uint16"):
+    dense_attention(x.q, x.k_pages.astype(jnp.int8), x.v_pages.astype(jnp.int8), x.block_table, x.lengths)

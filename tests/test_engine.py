@@ -40,12 +40,14 @@ def engine(model, **kw):
 
 
 @pytest.mark.parametrize("attention,tau", [("dense", None), ("psa", 1.0)])
-def test_batched_greedy_output_equals_generate_alone(model, attention, tau):
+@pytest.mark.parametrize("kv_dtype", ["model", "bfloat16"])
+def test_batched_greedy_output_equals_generate_alone(model, attention, tau, kv_dtype):
   ps = prompts(6, seed=1)
-  eng = engine(model, attention=attention)
+  eng = engine(model, attention=attention, kv_dtype=kv_dtype)
   outs = eng.generate(ps, SamplingParams(max_tokens=20), tau=tau)
   for p, out in zip(ps, outs):
-    assert out == generate(model, p, max_new_tokens=20, attention=AttentionBackend.named("dense"))
+    assert out == generate(model, p, max_new_tokens=20, attention=AttentionBackend.named("dense"),
+                           kv_dtype=None if kv_dtype == "model" else kv_dtype)
   eng.arena.check_whole()
   assert eng.arena.used_pages == 0
 
@@ -168,6 +170,11 @@ def test_bad_sampling_params_are_rejected(field, value):
     SamplingParams(**{field: value})
 
 
+def test_unknown_kv_dtype_is_rejected():
+  with pytest.raises(ValueError, match="kv_dtype"):
+    EngineConfig(kv_dtype="int4")
+
+
 def test_memory_budget_spellings():
   assert parse_memory("2GiB", total=0) == 2 * 2**30
   assert parse_memory("512MB", total=0) == 512_000_000
@@ -180,15 +187,18 @@ def test_memory_budget_spellings():
 def test_arena_from_budget_counts_pages_of_all_layers():
   arena = KVArena.from_budget(TINY, "1MiB", block_size=16, dtype=jnp.float32)
   assert arena.num_pages == 2**20 // (2 * 16 * (2 * 16 + 3) * 4)
+  packed = KVArena.from_budget(TINY, "1MiB", block_size=16, dtype=jnp.uint16)  # bfloat16 tiles, float32 summaries
+  assert packed.num_pages == 2**20 // (2 * 16 * (2 * 16 * 2 + 3 * 4))
   arena.ensure(0, 33)  # 3 blocks in each of 2 layers
   assert arena.used_pages == 6
   tables = arena.block_tables([0, None], 4)
   assert tables.shape == (2, 2, 4) and len(set(tables[:, 0, :3].ravel())) == 6
 
 
-def test_decode_window_updates_the_arena_in_place(model):
-  """The compiled window aliases the donated arena to its output: no copy of the KV pages."""
-  eng = engine(model)
+@pytest.mark.parametrize("kv_dtype,arena_shape", [("model", "f32[2,600,16,16]"), ("bfloat16", "u16[2,600,16,16]")])
+def test_decode_window_updates_the_arena_in_place(model, kv_dtype, arena_shape):
+  """The compiled window aliases the donated arena to its output: no copy of the KV pages, packed or not."""
+  eng = engine(model, kv_dtype=kv_dtype)
   graphdef, state = nnx.split(model)
   kv = eng.arena.kv
   b = 2
@@ -199,7 +209,6 @@ def test_decode_window_updates_the_arena_in_place(model):
           jnp.ones(b))
   compiled = steps.decode_window.lower(*args, attention=AttentionBackend.named("psa"), num_steps=4).compile()
   text = compiled.as_text()
-  arena_shape = "f32[2,600,16,16]"
   aliases = text.split("input_output_alias=")[1].split("}\n")[0] if "input_output_alias=" in text else ""
   assert aliases.count("may-alias") + aliases.count("must-alias") >= 5, aliases[:500]
   arena_lines = [line for line in text.splitlines() if arena_shape in line]

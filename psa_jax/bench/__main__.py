@@ -27,8 +27,11 @@ _ATTENTIONS = flags.DEFINE_list("attentions", ["dense", "topk", "psa"], "Attenti
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 32, "Timed decode tokens per sequence (e2e).")
 _TAU = flags.DEFINE_float("psa_tau", 0.95, "PSA threshold.")
 _TOPK = flags.DEFINE_integer("topk_blocks", 32, "Top-k budget in blocks (besides sink and local).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight and KV dtype (e2e).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Weight dtype (e2e); the KV cache's is --kv_dtype.")
 _WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"], "Weight format (e2e).")
+_KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16", ["model", "float32", "bfloat16"],
+                              "KV cache dtype (e2e); model: the weights' dtype.")
 _IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"], "Kernel implementation (kernel study).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per point (kernel).")
 _SAMPLES = flags.DEFINE_integer("samples", 2, "Prompts per task and context (tasks).")
@@ -59,7 +62,7 @@ def main(argv):
         model=_MODEL.value, contexts=contexts or e2e.E2EConfig.contexts,
         batches=tuple(int(x) for x in _BATCHES.value), attentions=tuple(_ATTENTIONS.value),
         decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, dtype=_DTYPE.value,
-        weights=_WEIGHTS.value)
+        weights=_WEIGHTS.value, kv_dtype=_KV_DTYPE.value)
     e2e.run(config, out)
   elif _STUDY.value == "peers":
     config = peers.PeersConfig(contexts=contexts or peers.PeersConfig.contexts,

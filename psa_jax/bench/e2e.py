@@ -30,6 +30,7 @@ class E2EConfig:
   topk_blocks: int = 32
   dtype: str = "float32"
   weights: str = "float"  # or "int8" (models/quantize.py)
+  kv_dtype: str = "bfloat16"  # EngineConfig.kv_dtype
   prefill_chunk: int = 512
 
 
@@ -83,7 +84,7 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
   engine = Engine(model, lm.tokenizer, EngineConfig(
       attention="dense", psa_tau=config.psa_tau, topk_blocks=config.topk_blocks, max_batch=max(config.batches),
       max_context=c.max_context, decode_window=config.decode_window,
-      prefill_chunk=config.prefill_chunk), num_pages=num_pages)
+      prefill_chunk=config.prefill_chunk, kv_dtype=config.kv_dtype), num_pages=num_pages)
   text_ids = lm.tokenizer.encode(common.prose(60 * max(config.contexts)))
   rows = []
   for context in config.contexts:
@@ -93,7 +94,7 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
     for attention in config.attentions:
       for batch in config.batches:
         common.progress(f"decoding: context {context}, {attention}, batch {batch}")
-        rows.append({"weights": config.weights, "context": context, "attention": attention, "batch": batch,
+        rows.append({"weights": config.weights, "kv": config.kv_dtype, "context": context, "attention": attention, "batch": batch,
                      **timed_decode(engine, base, attention, batch, config.decode_steps),
                      "ttft_s": ttft, "prefill_tok_per_s": len(prompt) / ttft})
         print(common.table(rows[-1:], list(rows[-1])), flush=True)

@@ -1,0 +1,57 @@
+"""Packed bfloat16 KV pages (pallas_kernels/storage.py): what is written is what is read, bit for bit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.kv_pages import PagedKV, gather_context, write_tokens
+from pallas_kernels import storage
+from psa_jax import summarize_pages
+
+
+def test_pack_then_unpack_is_exactly_bfloat16_rounding():
+  values = jnp.asarray([0.0, -0.0, 1.0, -2.5, 3.14159, 1e-30, -1e30, 65504.0, jnp.inf, -jnp.inf], jnp.float32)
+  values = jnp.concatenate([values, jax.random.normal(jax.random.key(0), (1000,)) * 50])
+  back = storage.unpack(storage.pack(values, storage.PACKED))
+  assert back.dtype == jnp.float32
+  want = values.astype(jnp.bfloat16).astype(jnp.float32)
+  np.testing.assert_array_equal(np.asarray(back).view(np.uint32), np.asarray(want).view(np.uint32))
+  assert np.isnan(np.asarray(storage.unpack(storage.pack(jnp.asarray([jnp.nan]), storage.PACKED)))).all()
+
+
+@pytest.mark.parametrize("kv_dtype,backend,stored", [
+    (jnp.bfloat16, "cpu", storage.PACKED), (jnp.bfloat16, "gpu", jnp.bfloat16),
+    (jnp.float32, "cpu", jnp.float32), (jnp.float16, "cpu", jnp.float16)])
+def test_only_bfloat16_on_cpu_is_packed(kv_dtype, backend, stored):
+  assert storage.storage_dtype(kv_dtype, backend) == jnp.dtype(stored)
+  assert storage.value_dtype(stored) == (jnp.float32 if stored == storage.PACKED else jnp.dtype(stored))
+
+
+def test_unpacked_dtypes_pass_through_untouched():
+  x = jnp.arange(6, dtype=jnp.bfloat16)
+  assert storage.unpack(x) is x
+  assert storage.pack(x, jnp.float32).dtype == jnp.float32
+
+
+def test_a_packed_pool_is_written_read_and_summarized_as_its_bfloat16_values():
+  rng = np.random.default_rng(1)
+  heads, pages, s, d = 2, 8, 16, 8
+  k_new = jnp.asarray(rng.standard_normal((2, 37, heads, d)), jnp.float32)
+  v_new = jnp.asarray(rng.standard_normal((2, 37, heads, d)), jnp.float32)
+  table = jnp.asarray([[0, 1, 2, 3], [4, 5, 6, 7]], jnp.int32)
+  start, num = jnp.asarray([0, 0]), jnp.asarray([37, 20])
+
+  packed = write_tokens(PagedKV.zeros(heads, pages, s, d, storage.PACKED), k_new, v_new, table, start, num)
+  rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+  plain = write_tokens(PagedKV.zeros(heads, pages, s, d, jnp.float32), rounded(k_new), rounded(v_new), table,
+                       start, num)
+  assert packed.k.dtype == storage.PACKED and packed.summaries.kmin.dtype == jnp.float32
+  for got, want in ((packed.k, plain.k), (packed.v, plain.v)):
+    np.testing.assert_array_equal(storage.unpack(got), want)
+    np.testing.assert_array_equal(gather_context(got, table), gather_context(want, table))
+  for got, want in zip(packed.summaries, plain.summaries):
+    np.testing.assert_array_equal(got, want)
+  ids, counts = jnp.arange(pages), jnp.asarray([16, 16, 5, 0, 16, 4, 0, 0])
+  for got, want in zip(summarize_pages(packed.k, ids, counts), summarize_pages(plain.k, ids, counts)):
+    np.testing.assert_array_equal(got, want)
