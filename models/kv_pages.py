@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.storage import pack, unpack, value_dtype
+from pallas_kernels.storage import pack, unpack
 from pallas_kernels.summaries import BlockSummaries, update_summaries
 
 
@@ -28,7 +28,7 @@ class PagedKV(NamedTuple):
     """An empty pool whose pages are stored as `dtype` (a storage dtype: `storage.storage_dtype(kv_dtype)`)."""
     # Distinct buffers: the arena is donated, and one buffer may not be donated twice.
     pages = lambda: jnp.zeros((kv_heads, num_pages, block_size, head_dim), dtype)
-    return cls(pages(), pages(), BlockSummaries.zeros(kv_heads, num_pages, head_dim, value_dtype(dtype)))
+    return cls(pages(), pages(), BlockSummaries.zeros(kv_heads, num_pages, head_dim, dtype))
 
   @property
   def block_size(self) -> int:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.storage import unpack
 from pallas_kernels.summaries import BlockSummaries
 
 NEG_INF = float("-inf")
@@ -46,9 +47,9 @@ def block_scores_reference(
   # One gather per head (rows of D contiguous values) lands in [B, H, M, D] directly; indexing s[:, pages] gathered
   # [H, D] slices across heads and transposed them after, ~2x slower on cold summaries.
   if heads is None:
-    take = lambda s: jax.vmap(lambda s_h: s_h[pages], out_axes=1)(s).astype(jnp.float32)  # [B, H, M, D]
+    take = lambda s: unpack(jax.vmap(lambda s_h: s_h[pages], out_axes=1)(s)).astype(jnp.float32)  # [B, H, M, D]
   else:  # a gather at each static head, never a slice of the summaries that XLA could copy
-    take = lambda s: jnp.stack([s[h, pages] for h in heads], axis=1).astype(jnp.float32)
+    take = lambda s: unpack(jnp.stack([s[h, pages] for h in heads], axis=1)).astype(jnp.float32)
   qf = q.astype(jnp.float32)
   # Block-major product, transposed after: the gathered summaries stay the matmul's left operand in their own
   # layout (as "bhgd,bhmd->bhgm", XLA:CPU copied them transposed first).

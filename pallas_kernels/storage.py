@@ -6,8 +6,9 @@ session 3), and a bitcast of a bfloat16 pool to uint16 is a full copy there too.
 as integers, and only the gathered rows are widened: a shift into the high half of a float32, which is exact.
 So the CPU arena stores bfloat16 KV packed; accelerators store bfloat16 itself.
 
-Every reader of pages goes through `unpack` (packed -> float32, otherwise unchanged) and every writer through
-`pack`. Summaries are never packed: a packed pool's summaries are float32.
+Every reader of pages or summaries goes through `unpack` (packed -> float32, otherwise unchanged) and every
+writer through `pack`. A packed pool's summaries are packed too: min and max of bfloat16 keys are bfloat16 values,
+so only the mean is rounded, as in a bfloat16 pool.
 """
 
 from __future__ import annotations
@@ -29,11 +30,6 @@ def storage_dtype(kv_dtype, backend: str | None = None) -> jnp.dtype:
 
 def is_packed(dtype) -> bool:
   return jnp.dtype(dtype) == PACKED
-
-
-def value_dtype(dtype) -> jnp.dtype:
-  """The dtype a pool of `dtype` reads as: float32 for a packed pool (exact), else the dtype itself."""
-  return jnp.dtype(jnp.float32) if is_packed(dtype) else jnp.dtype(dtype)
 
 
 def pack(values: jax.Array, dtype) -> jax.Array:

@@ -1,7 +1,7 @@
 """Per-block key summaries: the small side buffer that block scoring reads instead of the keys.
 
 Layout (beside the KV pages `[kv_heads, num_pages, block_size, head_dim]`):
-  kmin, kmax, kmean: [kv_heads, num_pages, head_dim], in the key dtype (float32 for a packed pool, storage.py).
+  kmin, kmax, kmean: [kv_heads, num_pages, head_dim], stored like the keys (packed for a packed pool, storage.py).
 
 min/max are exact in the key dtype (they are selections); the mean is reduced in float32 and rounded once.
 """
@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.storage import unpack, value_dtype
+from pallas_kernels.storage import pack, unpack
 
 
 class BlockSummaries(NamedTuple):
@@ -42,7 +42,7 @@ def summarize_pages(k_pages: jax.Array, page_ids: jax.Array, num_tokens: jax.Arr
   count = jnp.maximum(num_tokens, 1).astype(jnp.float32)[None, :, None]
   kmean = jnp.sum(jnp.where(valid, keys, 0.0), axis=2) / count
   empty = (num_tokens <= 0)[None, :, None]
-  fix = lambda x: jnp.where(empty, 0.0, x).astype(value_dtype(k_pages.dtype))
+  fix = lambda x: pack(jnp.where(empty, 0.0, x), k_pages.dtype)
   return BlockSummaries(fix(kmin), fix(kmax), fix(kmean))
 
 
@@ -62,5 +62,5 @@ def update_summaries(
   # Padding entries scatter out of bounds and are dropped.
   target = jnp.where(num_tokens > 0, page_ids, k_pages.shape[1])
   return BlockSummaries(*(
-      old.at[:, target].set(new.astype(old.dtype), mode="drop") for old, new in zip(summaries, fresh)
+      old.at[:, target].set(pack(unpack(new), old.dtype), mode="drop") for old, new in zip(summaries, fresh)
   ))

@@ -75,6 +75,8 @@ def _validate(q, k_pages, v_pages, block_table, lengths, summaries) -> None:
     for name, x in zip(BlockSummaries._fields, summaries):
       if x.shape != (kv_heads, num_pages, head_dim):
         raise ValueError(f"summaries.{name} must be {(kv_heads, num_pages, head_dim)}, got {x.shape}")
+      if storage.is_packed(x.dtype) != storage.is_packed(k_pages.dtype):
+        raise ValueError(f"summaries.{name} ({x.dtype}) must be packed exactly when the pages ({k_pages.dtype}) are")
   lens, table = _concrete(lengths), _concrete(block_table)
   max_len = block_table.shape[1] * block_size
   if lens is not None and ((lens < 0).any() or (lens > max_len).any()):
@@ -120,7 +122,9 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
   block_table = _pad_axis(block_table, 1, width)
   if impl == "pallas" and storage.is_packed(k_pages.dtype):
     # Packing is a CPU storage trick; the kernels read bfloat16 (one copy of the pool per call: tests only).
-    k_pages, v_pages = (jax.lax.bitcast_convert_type(x, jnp.bfloat16) for x in (k_pages, v_pages))
+    as_bf16 = lambda x: None if x is None else jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+    k_pages, v_pages = as_bf16(k_pages), as_bf16(v_pages)
+    summaries = None if summaries is None else BlockSummaries(*map(as_bf16, summaries))
   run = functools.partial(_attend, k_pages=k_pages, v_pages=v_pages, block_table=block_table, lengths=lengths,
                           summaries=summaries, tau=tau, kind=kind, config=config, impl=impl, interpret=interpret,
                           group=group)

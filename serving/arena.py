@@ -18,7 +18,6 @@ from jax.sharding import Mesh
 from models import parallel
 from models.config import ModelConfig
 from models.kv_pages import PagedKV
-from pallas_kernels.storage import value_dtype
 from serving.config import parse_memory
 
 
@@ -30,9 +29,8 @@ def _copy_pages(kv: PagedKV, src: jax.Array, dst: jax.Array) -> PagedKV:
 
 def page_bytes(config: ModelConfig, block_size: int, dtype) -> int:
   """Device bytes of one page stored as `dtype`: K and V tiles plus three summary rows, for all KV heads."""
-  tiles = 2 * block_size * jnp.dtype(dtype).itemsize
-  summaries = 3 * value_dtype(dtype).itemsize
-  return config.num_kv_heads * config.head_dim * (tiles + summaries)
+  item = jnp.dtype(dtype).itemsize
+  return config.num_kv_heads * config.head_dim * item * (2 * block_size + 3)
 
 
 def device_memory_bytes() -> int:

@@ -182,11 +182,11 @@ def test_dense_config_chunk_does_not_change_result():
 
 def packed_and_rounded(x):
   """The same bfloat16 KV twice: packed (uint16 bits, the CPU arena's storage) and widened to float32."""
-  rounded = lambda p: p.astype(jnp.bfloat16).astype(jnp.float32)
-  k, v = rounded(x.k_pages), rounded(x.v_pages)
+  k, v = (storage.pack(p, storage.PACKED) for p in (x.k_pages, x.v_pages))
   summaries = summarize_pages(k, jnp.arange(k.shape[1]), jnp.full((k.shape[1],), k.shape[2]))
-  as_float = x._replace(k_pages=k, v_pages=v, summaries=summaries)
-  packed = as_float._replace(k_pages=storage.pack(k, storage.PACKED), v_pages=storage.pack(v, storage.PACKED))
+  packed = x._replace(k_pages=k, v_pages=v, summaries=summaries)
+  as_float = x._replace(k_pages=storage.unpack(k), v_pages=storage.unpack(v),
+                        summaries=type(summaries)(*map(storage.unpack, summaries)))
   return packed, as_float
 
 
@@ -211,3 +211,9 @@ def test_pages_of_an_integer_dtype_other_than_packed_are_rejected():
   x = inputs()
   with pytest.raises(ValueError, match="float dtype or uint16"):
     dense_attention(x.q, x.k_pages.astype(jnp.int8), x.v_pages.astype(jnp.int8), x.block_table, x.lengths)
+
+
+def test_summaries_must_be_packed_exactly_when_the_pages_are():
+  packed, as_float = packed_and_rounded(inputs())
+  with pytest.raises(ValueError, match="packed exactly when"):
+    psa_attention(*packed._replace(summaries=as_float.summaries), impl="xla")

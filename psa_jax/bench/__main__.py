@@ -31,7 +31,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Weight dtype (e2e); the KV cache's is --kv_dtype.")
 _WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"], "Weight format (e2e).")
 _KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16", ["model", "float32", "bfloat16"],
-                              "KV cache dtype (e2e); model: the weights' dtype.")
+                              "KV cache dtype (e2e, tasks); model: the weights' dtype.")
 _IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"], "Kernel implementation (kernel study).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per point (kernel).")
 _SAMPLES = flags.DEFINE_integer("samples", 2, "Prompts per task and context (tasks).")
@@ -71,7 +71,7 @@ def main(argv):
     peers.run(config, out)
   elif _STUDY.value == "tasks":
     config = tasks.TasksConfig(model=_MODEL.value, contexts=contexts or tasks.TasksConfig.contexts,
-                               samples=_SAMPLES.value, ppl_context=_PPL_CONTEXT.value)
+                               samples=_SAMPLES.value, ppl_context=_PPL_CONTEXT.value, kv_dtype=_KV_DTYPE.value)
     tasks.run(config, out)
   elif _STUDY.value == "sharding":
     config = sharding.ShardingConfig(

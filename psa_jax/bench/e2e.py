@@ -100,7 +100,7 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
         print(common.table(rows[-1:], list(rows[-1])), flush=True)
     engine.cancel(base.id)
     engine.step()
-  columns = ["weights", "context", "batch", "attention", "ms_per_token", "tokens_per_s", "kv_share_read", "ttft_s",
+  columns = ["weights", "kv", "context", "batch", "attention", "ms_per_token", "tokens_per_s", "kv_share_read", "ttft_s",
              "prefill_tok_per_s"]
   print("\n" + common.table(rows, columns))
   common.save(out_dir, f"e2e_{config.weights}", rows, {"config": dataclasses.asdict(config)})
@@ -109,6 +109,6 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
                   [r["tokens_per_s"] for r in rows if r["attention"] == a and r["batch"] == batch])
               for a in config.attentions}
     common.plot(out_dir / f"e2e_{config.weights}_batch{batch}.png",
-                f"Decode throughput, batch {batch}, {config.weights} weights",
+                f"Decode throughput, batch {batch}, {config.weights} weights, {config.kv_dtype} KV",
                 "context (tokens)", "tokens / s", series, logx=True)
   return rows

@@ -29,6 +29,7 @@ from flax import nnx
 
 from models import checkpoint
 from models.kv_pages import PagedKV
+from pallas_kernels.storage import storage_dtype
 from psa_jax.backend import AttentionBackend
 from psa_jax.bench import common
 from psa_jax.config import PSAConfig
@@ -52,6 +53,7 @@ class TasksConfig:
   ppl_tokens: int = 128
   block_size: int = 16
   seed: int = 0
+  kv_dtype: str = "bfloat16"  # EngineConfig.kv_dtype ("model": the weights' float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +146,12 @@ def make_samples(tokenizer, config: TasksConfig) -> list[Sample]:
 
 # ------------------------------------------------------------------------------------------- device functions
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "width", "block_size"))
-def _prefill(graphdef, state, tokens, n, *, width, block_size):
+@functools.partial(jax.jit, static_argnames=("graphdef", "width", "block_size", "kv_storage"))
+def _prefill(graphdef, state, tokens, n, *, width, block_size, kv_storage):
   """tokens [T] (padded), n valid. Returns (KV pool holding the prompt, greedy next token, its log-probs [V])."""
   model = nnx.merge(graphdef, state)
   c = model.config
-  kv = PagedKV.zeros(c.num_kv_heads, c.num_layers * width, block_size, c.head_dim, model.dtype)
+  kv = PagedKV.zeros(c.num_kv_heads, c.num_layers * width, block_size, c.head_dim, kv_storage)
   tables = jnp.arange(c.num_layers * width, dtype=jnp.int32).reshape(c.num_layers, 1, width)
   x, kv = model.prefill(tokens[None], jnp.zeros((1,), jnp.int32), n[None], kv, tables)
   logp = jax.nn.log_softmax(model.logits(x[0, n - 1]))
@@ -193,6 +195,7 @@ def run(config: TasksConfig, out_dir) -> list[dict]:
   common.progress(f"loading {config.model or checkpoint.DEFAULT_MODEL}")
   lm = checkpoint.load(config.model, dtype=jnp.float32)
   graphdef, state = nnx.split(lm.model)
+  kv_storage = storage_dtype(lm.model.dtype if config.kv_dtype == "model" else config.kv_dtype)
   methods_ = methods(config)
   tally = {m.name: {"correct": {}, "blocks": 0.0, "dense_blocks": 0.0} for m in methods_}
 
@@ -203,7 +206,7 @@ def run(config: TasksConfig, out_dir) -> list[dict]:
     width = _width(padded + config.answer_tokens + 1, config.block_size)
     tokens = jnp.asarray(sample.ids + [0] * (padded - len(sample.ids)), jnp.int32)
     kv, tables, first, _ = _prefill(graphdef, state, tokens, jnp.int32(len(sample.ids)), width=width,
-                                    block_size=config.block_size)
+                                    block_size=config.block_size, kv_storage=kv_storage)
     forced = jnp.full((config.answer_tokens,), -1, jnp.int32)
     for m in methods_:
       greedy, _, used, dense = jax.device_get(_continue(
@@ -215,7 +218,7 @@ def run(config: TasksConfig, out_dir) -> list[dict]:
       tally[m.name]["blocks"] += float(used.sum())
       tally[m.name]["dense_blocks"] += float(dense.sum())
 
-  ppl = perplexity(lm, graphdef, state, methods_, config)
+  ppl = perplexity(lm, graphdef, state, methods_, config, kv_storage)
   rows = []
   for m in methods_:
     t = tally[m.name]
@@ -245,7 +248,7 @@ def run(config: TasksConfig, out_dir) -> list[dict]:
   return rows
 
 
-def perplexity(lm, graphdef, state, methods_, config: TasksConfig) -> dict:
+def perplexity(lm, graphdef, state, methods_, config: TasksConfig, kv_storage) -> dict:
   """Teacher-forced perplexity of each method over `ppl_tokens` tokens of prose after a dense prefill."""
   ids = lm.tokenizer.encode(common.prose(8 * config.ppl_context))[: config.ppl_context]
   n = len(ids) - config.ppl_tokens
@@ -253,7 +256,7 @@ def perplexity(lm, graphdef, state, methods_, config: TasksConfig) -> dict:
   padded = _bucket(n)
   width = _width(padded + config.ppl_tokens + 1, config.block_size)
   kv, tables, _, _ = _prefill(graphdef, state, jnp.asarray(ids[:n] + [0] * (padded - n), jnp.int32),
-                              jnp.int32(n), width=width, block_size=config.block_size)
+                              jnp.int32(n), width=width, block_size=config.block_size, kv_storage=kv_storage)
   # Feed ids[n] at position n; step i predicts ids[n + 1 + i]. The first of those is the first read through
   # the method's attention (ids[n] itself was predicted by the dense prefill), so it is scored from there on.
   steps = config.ppl_tokens - 1
