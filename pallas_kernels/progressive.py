@@ -298,10 +298,12 @@ def progressive_attention_xla(
   `progressive_attention_pallas`; `chunks_per_step` chunks are computed per loop iteration. `heads`: the KV
   heads of the pool that q's head axis stands for (None: all of them, in order).
 
-  One loop per KV head, each vmapped over the batch. The heads' loops are independent, so XLA:CPU runs them side
-  by side on its threads and each stops on its own; one loop vmapped over heads as well ran every head until the
-  slowest one was done, ~15% slower for PSA at 8K, batch 8 (measured in session 3). The unrolling is over the
-  few KV heads of one device, never over tokens or layers.
+  One loop per KV head, each vmapped over the batch, so each head stops on its own; one loop vmapped over heads
+  as well ran every head until the slowest one was done, ~15% slower for PSA at 8K, batch 8 (session 3), and a
+  single loop stepping all heads side by side was slower still (session 4). The loops do not overlap in time:
+  XLA's buffer assignment reuses one loop's temporaries for the next, so the CPU runtime orders them (seen in
+  its dependency log, session 4). The unrolling is over the few KV heads of one device, never over tokens or
+  layers.
   """
   b, h, gp, d = q.shape
   s = k_pages.shape[2]

@@ -129,8 +129,7 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
                           summaries=summaries, tau=tau, kind=kind, config=config, impl=impl, interpret=interpret,
                           group=group)
   if impl == "xla" and kind != "dense":
-    # One scoring, plan and loop per KV head. They are independent, so XLA:CPU overlaps one head's scoring with
-    # another's loop on its threads (the loop alone per head: see progressive_attention_xla).
+    # One scoring, plan and loop per KV head, each head stopping on its own (see progressive_attention_xla).
     outs, used = zip(*(run(qg[:, h:h + 1], heads=(h,)) for h in range(kv_heads)))
     out, used = jnp.concatenate(outs, axis=1), jnp.concatenate(used, axis=1)
   else:
