@@ -67,11 +67,11 @@ def generate(
     stop_ids: tuple[int, ...] | None = None,
     tau: float | None = None,
     block_size: int = 16,
-    kv_dtype=None,
+    kv_dtype: str = "model",
 ) -> list[int]:
   """Generates up to `max_new_tokens` after `prompt` (token ids), stopping after a stop token (included in
   the result). Stop ids default to the model's eos tokens. Greedy when temperature is 0. kv_dtype: the KV
-  cache's dtype (default: the model's), as the engine's `EngineConfig.kv_dtype`."""
+  cache's dtype, spelled as the engine's `EngineConfig.kv_dtype` ("model": the weights' dtype)."""
   if not prompt:
     raise ValueError("prompt must hold at least one token")
   if max_new_tokens < 1:
@@ -90,5 +90,5 @@ def generate(
                      jnp.asarray(stop, jnp.int32),
                      jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k), jnp.float32(tau), jnp.int32(seed),
                      attention=attention, max_new_tokens=_bucket(max_new_tokens, 1), block_size=block_size,
-                     kv_storage=storage_dtype(model.dtype if kv_dtype is None else kv_dtype))
+                     kv_storage=storage_dtype(kv_dtype, model_dtype=model.dtype))
   return [int(x) for x in out[: int(n)]]

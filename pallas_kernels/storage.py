@@ -18,10 +18,21 @@ import jax.numpy as jnp
 from jax import lax
 
 PACKED = jnp.dtype(jnp.uint16)  # bfloat16 bit patterns
+KV_DTYPES = ("model", "float32", "bfloat16")  # how callers name a KV cache dtype; "model": the weights' dtype
 
 
-def storage_dtype(kv_dtype, backend: str | None = None) -> jnp.dtype:
-  """The pool dtype that holds KV values of `kv_dtype` on `backend` (default: JAX's default backend)."""
+def storage_dtype(kv_dtype, backend: str | None = None, *, model_dtype=None) -> jnp.dtype:
+  """The pool dtype that holds KV values of `kv_dtype` on `backend` (default: JAX's default backend).
+
+  kv_dtype: one of KV_DTYPES ("model" needs `model_dtype`) or a dtype.
+  """
+  if isinstance(kv_dtype, str):
+    if kv_dtype not in KV_DTYPES:
+      raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+    if kv_dtype == "model":
+      if model_dtype is None:
+        raise ValueError('kv_dtype "model" needs the model\'s dtype')
+      kv_dtype = model_dtype
   kv_dtype = jnp.dtype(kv_dtype)
   if kv_dtype == jnp.bfloat16 and (backend or jax.default_backend()) == "cpu":
     return PACKED

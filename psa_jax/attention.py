@@ -6,7 +6,7 @@ Shapes (one query token per sequence):
                 bfloat16 bits (the CPU arena's packed storage, pallas_kernels/storage.py)
   block_table:  [batch, max_blocks_per_seq] int32, logical block -> page
   lengths:      [batch] int32, tokens in each sequence (0 allowed: the output is zeros)
-  summaries:    BlockSummaries, each [kv_heads, num_pages, head_dim]
+  summaries:    BlockSummaries, each [kv_heads, num_pages, head_dim], stored like the pages (packed or not)
 
 The pages are laid out head-major so that one program (sequence, KV head) gathers whole contiguous
 [block_size, head_dim] tiles with a single index, the pattern the Triton lowering handles best (as in
@@ -122,7 +122,7 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
   block_table = _pad_axis(block_table, 1, width)
   if impl == "pallas" and storage.is_packed(k_pages.dtype):
     # Packing is a CPU storage trick; the kernels read bfloat16 (one copy of the pool per call: tests only).
-    as_bf16 = lambda x: None if x is None else jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+    as_bf16 = lambda x: jax.lax.bitcast_convert_type(x, jnp.bfloat16)
     k_pages, v_pages = as_bf16(k_pages), as_bf16(v_pages)
     summaries = None if summaries is None else BlockSummaries(*map(as_bf16, summaries))
   run = functools.partial(_attend, k_pages=k_pages, v_pages=v_pages, block_table=block_table, lengths=lengths,

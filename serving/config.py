@@ -6,6 +6,7 @@ import dataclasses
 import re
 
 from models.parallel import MeshConfig
+from pallas_kernels import storage
 from psa_jax.backend import KINDS
 
 
@@ -31,9 +32,6 @@ class SamplingParams:
       raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
     if not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
       raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
-
-
-KV_DTYPES = ("model", "float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +72,8 @@ class EngineConfig:
     if self.block_size & (self.block_size - 1) or not 16 <= self.block_size <= 128:
       raise ValueError(f"block_size must be a power of two in [16, 128], got {self.block_size}")
     parse_memory(self.kv_memory, total=1)  # validates the spelling
-    if self.kv_dtype not in KV_DTYPES:
-      raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
+    if self.kv_dtype not in storage.KV_DTYPES:
+      raise ValueError(f"kv_dtype must be one of {storage.KV_DTYPES}, got {self.kv_dtype!r}")
     if self.mesh not in ("auto", "none"):
       MeshConfig.parse(self.mesh)  # validates the spelling
 

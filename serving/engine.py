@@ -99,7 +99,7 @@ class Engine:
     self.mesh = _resolve_mesh(config.mesh, c)
     if self.mesh is not None:  # places the caller's model on the mesh in place (no second copy of the weights)
       parallel.shard_model(model, self.mesh)
-    self.kv_storage = storage_dtype(model.dtype if config.kv_dtype == "model" else config.kv_dtype)
+    self.kv_storage = storage_dtype(config.kv_dtype, model_dtype=model.dtype)
     if num_pages is None:
       self.arena = KVArena.from_budget(c, config.kv_memory, block_size=config.block_size, dtype=self.kv_storage,
                                        mesh=self.mesh)

@@ -46,8 +46,7 @@ def test_batched_greedy_output_equals_generate_alone(model, attention, tau, kv_d
   eng = engine(model, attention=attention, kv_dtype=kv_dtype)
   outs = eng.generate(ps, SamplingParams(max_tokens=20), tau=tau)
   for p, out in zip(ps, outs):
-    assert out == generate(model, p, max_new_tokens=20, attention=AttentionBackend.named("dense"),
-                           kv_dtype=None if kv_dtype == "model" else kv_dtype)
+    assert out == generate(model, p, max_new_tokens=20, attention=AttentionBackend.named("dense"), kv_dtype=kv_dtype)
   eng.arena.check_whole()
   assert eng.arena.used_pages == 0
 
@@ -170,9 +169,11 @@ def test_bad_sampling_params_are_rejected(field, value):
     SamplingParams(**{field: value})
 
 
-def test_unknown_kv_dtype_is_rejected():
+def test_unknown_kv_dtype_is_rejected(model):
   with pytest.raises(ValueError, match="kv_dtype"):
     EngineConfig(kv_dtype="int4")
+  with pytest.raises(ValueError, match="kv_dtype"):
+    generate(model, [5, 6], max_new_tokens=2, kv_dtype="int4")
 
 
 def test_memory_budget_spellings():
@@ -195,7 +196,8 @@ def test_arena_from_budget_counts_pages_of_all_layers():
   assert tables.shape == (2, 2, 4) and len(set(tables[:, 0, :3].ravel())) == 6
 
 
-@pytest.mark.parametrize("kv_dtype,arena_shape", [("model", "f32[2,600,16,16]"), ("bfloat16", "u16[2,600,16,16]")])
+@pytest.mark.parametrize("kv_dtype,arena_shape",
+                         [("model", "f32[2,600,16,16]"), ("bfloat16", "u16[2,600,16,16]")])
 def test_decode_window_updates_the_arena_in_place(model, kv_dtype, arena_shape):
   """The compiled window aliases the donated arena to its output: no copy of the KV pages, packed or not."""
   eng = engine(model, kv_dtype=kv_dtype)

@@ -59,3 +59,13 @@ def test_a_packed_pool_is_written_read_and_summarized_as_its_bfloat16_values():
   same_summaries(packed.summaries, plain.summaries)
   ids, counts = jnp.arange(pages), jnp.asarray([16, 16, 5, 0, 16, 4, 0, 0])
   same_summaries(summarize_pages(packed.k, ids, counts), summarize_pages(plain.k, ids, counts))
+
+
+def test_kv_dtype_names_resolve_against_the_model_dtype():
+  assert storage.storage_dtype("model", "cpu", model_dtype=jnp.float32) == jnp.float32
+  assert storage.storage_dtype("model", "cpu", model_dtype=jnp.bfloat16) == storage.PACKED
+  assert storage.storage_dtype("bfloat16", "gpu", model_dtype=jnp.float32) == jnp.bfloat16
+  with pytest.raises(ValueError, match="kv_dtype must be one of"):
+    storage.storage_dtype("float8", "cpu")
+  with pytest.raises(ValueError, match="needs the model"):
+    storage.storage_dtype("model", "cpu")

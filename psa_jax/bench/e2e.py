@@ -94,14 +94,15 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
     for attention in config.attentions:
       for batch in config.batches:
         common.progress(f"decoding: context {context}, {attention}, batch {batch}")
-        rows.append({"weights": config.weights, "kv": config.kv_dtype, "context": context, "attention": attention, "batch": batch,
+        rows.append({"weights": config.weights, "kv": config.kv_dtype, "context": context, "attention": attention,
+                     "batch": batch,
                      **timed_decode(engine, base, attention, batch, config.decode_steps),
                      "ttft_s": ttft, "prefill_tok_per_s": len(prompt) / ttft})
         print(common.table(rows[-1:], list(rows[-1])), flush=True)
     engine.cancel(base.id)
     engine.step()
-  columns = ["weights", "kv", "context", "batch", "attention", "ms_per_token", "tokens_per_s", "kv_share_read", "ttft_s",
-             "prefill_tok_per_s"]
+  columns = ["weights", "kv", "context", "batch", "attention", "ms_per_token", "tokens_per_s", "kv_share_read",
+             "ttft_s", "prefill_tok_per_s"]
   print("\n" + common.table(rows, columns))
   common.save(out_dir, f"e2e_{config.weights}", rows, {"config": dataclasses.asdict(config)})
   for batch in config.batches:

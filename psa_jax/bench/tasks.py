@@ -195,7 +195,7 @@ def run(config: TasksConfig, out_dir) -> list[dict]:
   common.progress(f"loading {config.model or checkpoint.DEFAULT_MODEL}")
   lm = checkpoint.load(config.model, dtype=jnp.float32)
   graphdef, state = nnx.split(lm.model)
-  kv_storage = storage_dtype(lm.model.dtype if config.kv_dtype == "model" else config.kv_dtype)
+  kv_storage = storage_dtype(config.kv_dtype, model_dtype=lm.model.dtype)
   methods_ = methods(config)
   tally = {m.name: {"correct": {}, "blocks": 0.0, "dense_blocks": 0.0} for m in methods_}
 
