@@ -2,7 +2,10 @@
 head, optional QKV biases (Qwen2).
 
 Layer weights are stacked along a leading [layers] axis and the layers run under `lax.scan`: one compiled
-layer body, no Python loop over layers in a step.
+layer body, no Python loop over layers in a step. XLA:CPU copies each layer's weights out of the stacked arrays
+before its matmuls (the scan's dynamic slice): at batch 1 that copy moves as many bytes as the matmuls read.
+So decode can also take each layer's weights as arrays of their own (`split_layers`) and pick them with a
+`lax.switch` on the layer index: every branch reads its layer's arrays in place.
 
 Two entry points, both pure functions of (model state, inputs, paged KV):
   prefill: a span of T tokens per sequence (a prompt or a chunk of one), written into the pages, attending
@@ -12,6 +15,8 @@ Shapes: B batch, T span, E hidden, Hq/H query/KV heads, D head_dim, L layers, M 
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +103,11 @@ class Decoder(nnx.Module):
     weights = {name: getattr(self, name)[...] for name in LAYER_WEIGHTS}
     weights.update({f"{name}_scale": self._scale(name) for name in MATMUL_WEIGHTS})
     return weights
+
+  def split_layers(self) -> tuple[dict, ...]:
+    """Each layer's weights as arrays of their own ({name: array}, one dict per layer), for
+    `decode(layers=...)`. Copies: they cost the layer weights' memory again."""
+    return _split_layers(self._layers(), self.config.num_layers)
 
   @staticmethod
   def _mm(h, w, name):
@@ -188,8 +198,13 @@ class Decoder(nnx.Module):
       tau: jax.Array | None = None,  # [B] per-sequence PSA threshold
       active: jax.Array | None = None,  # [B] bool; inactive rows write nothing (batch padding, finished)
       mesh: Mesh | None = None,  # run sharded over it (models/parallel.py); B must divide by its data axis
+      layers: tuple[dict, ...] | None = None,  # `split_layers()`: read each layer's weights from its own arrays
   ) -> tuple[jax.Array, PagedKV, jax.Array]:
-    """One token per sequence: (logits [B, V] float32, new KV, blocks used [L, B, H])."""
+    """One token per sequence: (logits [B, V] float32, new KV, blocks used [L, B, H]).
+
+    layers: None slices each layer's weights out of the stacked arrays (the scan's xs); `split_layers()` makes
+    the scan pick layer i's own arrays with a `lax.switch` instead. Same math either way.
+    """
     c = self.config
     b = tokens.shape[0]
     x = self._embed(tokens)  # [B, E]
@@ -205,17 +220,36 @@ class Decoder(nnx.Module):
 
     attend = parallel.decode_attention(write_and_attend, mesh)
 
+    def project(w, x):
+      return self._qkv(w, rms_norm(x, w["attn_norm"], c.rms_eps), positions)
+
+    def finish(w, x, out):
+      return self._mlp(w, x + self._mm(out.reshape(b, -1).astype(x.dtype), w, "wo"))
+
+    if layers is None:
+      with_weights = lambda fn, i, w, *args: fn(w, *args)  # w: this layer's slice of the stacked weights
+      weights = self._layers()
+    else:
+      if len(layers) != c.num_layers:
+        raise ValueError(f"layers holds {len(layers)} layers' weights, the model has {c.num_layers}")
+      # Branch i reads layer i's own arrays in place: no per-step copy of the weights (see the module docstring).
+      with_weights = lambda fn, i, _, *args: jax.lax.switch(i, [functools.partial(fn, w) for w in layers], *args)
+      weights = None
+
     def layer(carry, xs):
       x, kv = carry
-      w, table = xs
-      h = rms_norm(x, w["attn_norm"], c.rms_eps)
-      q, k, v = self._qkv(w, h, positions)
+      i, w, table = xs
+      q, k, v = with_weights(project, i, w, x)
       kv, out, used = attend(kv, q, k, v, table, positions, writes, tau)
-      x = x + self._mm(out.reshape(b, -1).astype(x.dtype), w, "wo")
-      return (self._mlp(w, x), kv), used
+      return (with_weights(finish, i, w, x, out), kv), used
 
-    (x, kv), used = jax.lax.scan(layer, (x, kv), (self._layers(), block_tables))
+    (x, kv), used = jax.lax.scan(layer, (x, kv), (jnp.arange(c.num_layers), weights, block_tables))
     return self.logits(x), kv, used
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _split_layers(stacked: dict, num_layers: int) -> tuple[dict, ...]:
+  return tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers))
 
 
 def _causal_context_attention(q, k_ctx, v_ctx, positions, query_chunk, key_block: int = 512):

@@ -34,6 +34,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
 _KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16", ["model", "float32", "bfloat16"],
                               "KV cache dtype (model: the weights' dtype). bfloat16, like llama.cpp's f16 cache, "
                               "halves the arena and the bytes each decode step reads.")
+_LAYER_WEIGHTS = flags.DEFINE_enum("layer_weights", "auto", ["auto", "stacked", "split"],
+                                   "How decode reaches each layer's weights. split: arrays of their own, read in "
+                                   "place (a second copy of the layer weights in memory; faster decode on CPU); "
+                                   "stacked: slices of the stacked arrays; auto: split on CPU without a mesh.")
 _WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"],
                              "int8: per-channel int8 weights times per-row int8 activations, int32 accumulation "
                              "(a quarter of float32's bytes per decode step; outputs differ slightly from the "
@@ -74,7 +78,8 @@ def main(argv):
         attention=_ATTENTION.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, block_size=_BLOCK.value,
         kv_memory=kv_memory, max_batch=_MAX_BATCH.value,
         max_context=_MAX_CONTEXT.value or model.config.max_context, decode_window=_WINDOW.value,
-        prefill_chunk=_PREFILL_CHUNK.value, mesh=_MESH.value, kv_dtype=_KV_DTYPE.value)
+        prefill_chunk=_PREFILL_CHUNK.value, mesh=_MESH.value, kv_dtype=_KV_DTYPE.value,
+        layer_weights=_LAYER_WEIGHTS.value)
     engine = Engine(model, loaded.tokenizer, config)
   except ValueError as e:  # a flag the model or the machine cannot honour
     raise SystemExit(f"psa_jax: {e}") from None

@@ -34,6 +34,9 @@ class SamplingParams:
       raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
 
 
+LAYER_WEIGHTS = ("auto", "stacked", "split")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
   """attention: default backend kind ("dense", "topk", "psa"); psa_tau, topk_blocks: their defaults.
@@ -46,6 +49,9 @@ class EngineConfig:
   kv_dtype: the KV cache's dtype: "model" (the model's), "float32" or "bfloat16". bfloat16 halves the arena and
     the bytes every decode step reads (on CPU it is stored packed, pallas_kernels/storage.py); the entry points
     (serve, bench) default to it, like llama.cpp's f16 cache.
+  layer_weights: how decode reaches a layer's weights: "stacked" (slices of the model's stacked arrays, which
+    XLA:CPU copies out every step), "split" (arrays of their own, `Decoder.split_layers`: read in place, at the
+    cost of a second copy of the layer weights in memory), or "auto" (split on CPU without a mesh).
   """
 
   attention: str = "psa"
@@ -60,6 +66,7 @@ class EngineConfig:
   impl: str = "auto"
   mesh: str = "auto"
   kv_dtype: str = "model"
+  layer_weights: str = "auto"
 
   def __post_init__(self):
     if self.attention not in KINDS:
@@ -74,6 +81,8 @@ class EngineConfig:
     parse_memory(self.kv_memory, total=1)  # validates the spelling
     if self.kv_dtype not in storage.KV_DTYPES:
       raise ValueError(f"kv_dtype must be one of {storage.KV_DTYPES}, got {self.kv_dtype!r}")
+    if self.layer_weights not in LAYER_WEIGHTS:
+      raise ValueError(f"layer_weights must be one of {LAYER_WEIGHTS}, got {self.layer_weights!r}")
     if self.mesh not in ("auto", "none"):
       MeshConfig.parse(self.mesh)  # validates the spelling
 

@@ -107,6 +107,9 @@ class Engine:
       self.arena = KVArena(c, num_pages=num_pages, block_size=config.block_size, dtype=self.kv_storage,
                            mesh=self.mesh)
     self._graphdef, self._state = nnx.split(model)
+    split = config.layer_weights == "split" or (
+        config.layer_weights == "auto" and self.mesh is None and jax.default_backend() == "cpu")
+    self._layers = model.split_layers() if split else None  # see models/llama.py
     self._backends = {
         "dense": AttentionBackend("dense", DenseConfig(), config.impl),
         "topk": AttentionBackend("topk", TopKConfig(k_blocks=config.topk_blocks), config.impl),
@@ -128,6 +131,11 @@ class Engine:
                      "prompt_tokens": 0, "generated_tokens": 0, "windows": 0, "host_reads": 0}
     self._thread: threading.Thread | None = None
     self._stopping = False
+
+  @property
+  def splits_layers(self) -> bool:
+    """Whether decode reads per-layer weight arrays (EngineConfig.layer_weights)."""
+    return self._layers is not None
 
   # ------------------------------------------------------------------------------------------ requests
 
@@ -374,8 +382,8 @@ class Engine:
     tau = jnp.asarray(np.array([r.tau for r in batch] + [1.0] * pad, np.float32))
     self.arena.kv, out, _, stats, n = steps.decode_window(
         self._graphdef, self._state, self.arena.kv, jnp.asarray(self.arena.block_tables(ids, width)), window,
-        jnp.asarray(stop), self._sampling(batch, size), tau, attention=self._backends[kind], num_steps=n_steps,
-        mesh=self.mesh)
+        jnp.asarray(stop), self._sampling(batch, size), tau, self._layers, attention=self._backends[kind],
+        num_steps=n_steps, mesh=self.mesh)
     out, stats, n = jax.device_get((out, stats, n))  # the window's one host read
     self.counters["host_reads"] += 1
     self.counters["windows"] += 1

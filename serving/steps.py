@@ -73,8 +73,9 @@ class WindowStats(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention", "num_steps", "mesh"),
                    donate_argnames=("kv",))
 def decode_window(graphdef, state, kv: PagedKV, tables, window: WindowState, stop_ids, sampling: SamplingArrays,
-                  tau, *, attention, num_steps: int, mesh=None):
-  """tables [L, B, M]; stop_ids [B, K] (-1 padded); tau [B]. mesh: see models/parallel.py.
+                  tau, layers=None, *, attention, num_steps: int, mesh=None):
+  """tables [L, B, M]; stop_ids [B, K] (-1 padded); tau [B]; layers: None or `Decoder.split_layers()` (see
+  `Decoder.decode`). mesh: see models/parallel.py.
 
   Returns (kv, tokens [num_steps, B] (-1 where a sequence emitted nothing), final WindowState, WindowStats,
   steps run []).
@@ -88,7 +89,8 @@ def decode_window(graphdef, state, kv: PagedKV, tables, window: WindowState, sto
 
   def step(carry):
     i, kv, w, out, stats = carry
-    logits, kv, used = model.decode(w.tokens, w.positions, kv, tables, attention, tau, w.active, mesh=mesh)
+    logits, kv, used = model.decode(w.tokens, w.positions, kv, tables, attention, tau, w.active, mesh=mesh,
+                                      layers=layers)
     token = sample(logits, sampling.seed, w.positions + 1, sampling.temperature, sampling.top_p, sampling.top_k)
     token = jnp.where(w.active, token, w.tokens)
     out = out.at[i].set(jnp.where(w.active, token, -1))

@@ -2,6 +2,7 @@
 recompilation once warm. A tiny random Llama keeps it fast; the real model runs in test_engine_smollm."""
 
 import random
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.generate import generate
+from models.kv_pages import PagedKV
 from models.llama import Decoder
 from psa_jax import AttentionBackend
 from serving import steps
@@ -176,6 +178,11 @@ def test_unknown_kv_dtype_is_rejected(model):
     generate(model, [5, 6], max_new_tokens=2, kv_dtype="int4")
 
 
+def test_unknown_layer_weights_layout_is_rejected():
+  with pytest.raises(ValueError, match="layer_weights must be one of"):
+    EngineConfig(layer_weights="interleaved")
+
+
 def test_memory_budget_spellings():
   assert parse_memory("2GiB", total=0) == 2 * 2**30
   assert parse_memory("512MB", total=0) == 512_000_000
@@ -196,27 +203,65 @@ def test_arena_from_budget_counts_pages_of_all_layers():
   assert tables.shape == (2, 2, 4) and len(set(tables[:, 0, :3].ravel())) == 6
 
 
-@pytest.mark.parametrize("kv_dtype,arena_shape",
-                         [("model", "f32[2,600,16,16]"), ("bfloat16", "u16[2,600,16,16]")])
-def test_decode_window_updates_the_arena_in_place(model, kv_dtype, arena_shape):
-  """The compiled window aliases the donated arena to its output: no copy of the KV pages, packed or not."""
-  eng = engine(model, kv_dtype=kv_dtype)
+def compiled_window_text(eng, model, attention="psa"):
+  """The optimized HLO of the engine's decode window for a batch of 2 and a 4-block table."""
   graphdef, state = nnx.split(model)
-  kv = eng.arena.kv
   b = 2
-  args = (graphdef, state, kv, jnp.zeros((2, b, 4), jnp.int32),
+  args = (graphdef, state, eng.arena.kv, jnp.zeros((TINY.num_layers, b, 4), jnp.int32),
           steps.WindowState(jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32), jnp.ones(b, bool), jnp.ones(b, jnp.int32)),
           jnp.full((b, 1), -1, jnp.int32),
           steps.SamplingArrays(jnp.zeros(b, jnp.int32), jnp.zeros(b), jnp.ones(b), jnp.zeros(b, jnp.int32)),
-          jnp.ones(b))
-  compiled = steps.decode_window.lower(*args, attention=AttentionBackend.named("psa"), num_steps=4).compile()
-  text = compiled.as_text()
+          jnp.ones(b), eng._layers)
+  lowered = steps.decode_window.lower(*args, attention=AttentionBackend.named(attention), num_steps=4)
+  return lowered.compile().as_text()
+
+
+@pytest.mark.parametrize("layer_weights", ["stacked", "split"])
+@pytest.mark.parametrize("kv_dtype,arena_shape",
+                         [("model", "f32[2,600,16,16]"), ("bfloat16", "u16[2,600,16,16]")])
+def test_decode_window_updates_the_arena_in_place(model, kv_dtype, arena_shape, layer_weights):
+  """The compiled window aliases the donated arena to its output: no copy of the KV pages, packed or not."""
+  text = compiled_window_text(engine(model, kv_dtype=kv_dtype, layer_weights=layer_weights), model)
   aliases = text.split("input_output_alias=")[1].split("}\n")[0] if "input_output_alias=" in text else ""
   assert aliases.count("may-alias") + aliases.count("must-alias") >= 5, aliases[:500]
   arena_lines = [line for line in text.splitlines() if arena_shape in line]
   assert any(" scatter(" in line for line in arena_lines)  # the pages are written...
   copies = [line for line in arena_lines if " copy(" in line]
   assert not copies, copies[:3]  # ...and never copied
+
+
+@pytest.mark.parametrize("attention", ["dense", "psa"])
+def test_split_layer_weights_are_read_in_place(model, attention):
+  """With per-layer weight arrays the window slices no weights out of stacked arrays; the stacked layout does
+  (that per-step copy is what `layer_weights="split"` saves)."""
+  def weight_slices(layer_weights):
+    text = compiled_window_text(engine(model, layer_weights=layer_weights), model, attention)
+    return [line for line in text.splitlines()
+            if "dynamic-slice" in line and re.search(r"= f32\[\d+,\d+\]", line)]
+  assert weight_slices("stacked")
+  assert not weight_slices("split")
+
+
+@pytest.mark.parametrize("attention,tau", [("dense", None), ("psa", None), ("psa", 1.0)])
+def test_split_layer_weights_decode_exactly_like_stacked(model, attention, tau):
+  ps = prompts(4, seed=5)
+  split, stacked = (engine(model, attention=attention, layer_weights=w) for w in ("split", "stacked"))
+  assert split.splits_layers and not stacked.splits_layers
+  params = SamplingParams(max_tokens=16, stop_token_ids=())
+  assert split.generate(ps, params, tau=tau) == stacked.generate(ps, params, tau=tau)
+  assert split.telemetry[-1]["blocks_mean_per_layer"] == stacked.telemetry[-1]["blocks_mean_per_layer"]
+
+
+def test_layer_weights_default_to_split_on_cpu(model):
+  assert engine(model).splits_layers == (jax.default_backend() == "cpu")
+
+
+def test_decode_rejects_layer_weights_of_another_depth(model):
+  kv = PagedKV.zeros(TINY.num_kv_heads, 8, 16, TINY.head_dim, jnp.float32)
+  tables = jnp.arange(8, dtype=jnp.int32).reshape(TINY.num_layers, 1, 4)
+  with pytest.raises(ValueError, match="layers holds 1 layers' weights, the model has 2"):
+    model.decode(jnp.array([5]), jnp.array([0]), kv, tables, AttentionBackend.named("dense"),
+                 layers=model.split_layers()[:1])
 
 
 def test_forked_requests_continue_exactly_like_their_parent(model):

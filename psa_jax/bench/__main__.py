@@ -32,6 +32,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 _WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"], "Weight format (e2e).")
 _KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16", ["model", "float32", "bfloat16"],
                               "KV cache dtype (e2e, tasks); model: the weights' dtype.")
+_LAYER_WEIGHTS = flags.DEFINE_enum("layer_weights", "auto", ["auto", "stacked", "split"],
+                                   "How decode reaches each layer's weights (e2e; EngineConfig.layer_weights).")
 _IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"], "Kernel implementation (kernel study).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per point (kernel).")
 _SAMPLES = flags.DEFINE_integer("samples", 2, "Prompts per task and context (tasks).")
@@ -62,7 +64,7 @@ def main(argv):
         model=_MODEL.value, contexts=contexts or e2e.E2EConfig.contexts,
         batches=tuple(int(x) for x in _BATCHES.value), attentions=tuple(_ATTENTIONS.value),
         decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, dtype=_DTYPE.value,
-        weights=_WEIGHTS.value, kv_dtype=_KV_DTYPE.value)
+        weights=_WEIGHTS.value, kv_dtype=_KV_DTYPE.value, layer_weights=_LAYER_WEIGHTS.value)
     e2e.run(config, out)
   elif _STUDY.value == "peers":
     config = peers.PeersConfig(contexts=contexts or peers.PeersConfig.contexts,

@@ -31,6 +31,7 @@ class E2EConfig:
   dtype: str = "float32"
   weights: str = "float"  # or "int8" (models/quantize.py)
   kv_dtype: str = "bfloat16"  # EngineConfig.kv_dtype
+  layer_weights: str = "auto"  # EngineConfig.layer_weights
   prefill_chunk: int = 512
 
 
@@ -84,7 +85,9 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
   engine = Engine(model, lm.tokenizer, EngineConfig(
       attention="dense", psa_tau=config.psa_tau, topk_blocks=config.topk_blocks, max_batch=max(config.batches),
       max_context=c.max_context, decode_window=config.decode_window,
-      prefill_chunk=config.prefill_chunk, kv_dtype=config.kv_dtype), num_pages=num_pages)
+      prefill_chunk=config.prefill_chunk, kv_dtype=config.kv_dtype, layer_weights=config.layer_weights),
+      num_pages=num_pages)
+  layer_weights = "split" if engine.splits_layers else "stacked"
   text_ids = lm.tokenizer.encode(common.prose(60 * max(config.contexts)))
   rows = []
   for context in config.contexts:
@@ -94,14 +97,14 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
     for attention in config.attentions:
       for batch in config.batches:
         common.progress(f"decoding: context {context}, {attention}, batch {batch}")
-        rows.append({"weights": config.weights, "kv": config.kv_dtype, "context": context, "attention": attention,
-                     "batch": batch,
+        rows.append({"weights": config.weights, "kv": config.kv_dtype, "layers": layer_weights, "context": context,
+                     "attention": attention, "batch": batch,
                      **timed_decode(engine, base, attention, batch, config.decode_steps),
                      "ttft_s": ttft, "prefill_tok_per_s": len(prompt) / ttft})
         print(common.table(rows[-1:], list(rows[-1])), flush=True)
     engine.cancel(base.id)
     engine.step()
-  columns = ["weights", "kv", "context", "batch", "attention", "ms_per_token", "tokens_per_s", "kv_share_read",
+  columns = ["weights", "kv", "layers", "context", "batch", "attention", "ms_per_token", "tokens_per_s", "kv_share_read",
              "ttft_s", "prefill_tok_per_s"]
   print("\n" + common.table(rows, columns))
   common.save(out_dir, f"e2e_{config.weights}", rows, {"config": dataclasses.asdict(config)})
