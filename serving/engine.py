@@ -97,6 +97,8 @@ class Engine:
     if config.max_context > c.max_context:
       raise ValueError(f"max_context {config.max_context} exceeds the model's {c.max_context}")
     self.mesh = _resolve_mesh(config.mesh, c)
+    if config.layer_weights == "split" and self.mesh is not None:
+      raise ValueError("layer_weights='split' runs on one device only; use 'stacked' or 'auto' with a mesh")
     if self.mesh is not None:  # places the caller's model on the mesh in place (no second copy of the weights)
       parallel.shard_model(model, self.mesh)
     self.kv_storage = storage_dtype(config.kv_dtype, model_dtype=model.dtype)

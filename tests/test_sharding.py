@@ -177,6 +177,29 @@ def test_two_processes_serve_in_step_and_match_one_device():
     assert _result(host) == alone
 
 
+def _scenario_split_weights_on_a_mesh():
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from models.llama import Decoder
+  from serving.config import EngineConfig
+  from serving.engine import Engine
+  model = Decoder(WIDE, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  config = dict(mesh="data=2,model=4", kv_memory="4MiB", max_context=256)
+  try:
+    Engine(model, None, EngineConfig(layer_weights="split", **config))
+    error = None
+  except ValueError as e:
+    error = str(e)
+  return {"error": error, "auto_splits": Engine(model, None, EngineConfig(**config)).splits_layers}
+
+
+def test_split_layer_weights_are_refused_on_a_mesh_and_auto_keeps_them_stacked():
+  out = _in_subprocess("_scenario_split_weights_on_a_mesh")
+  assert out["error"] and "one device only" in out["error"]
+  assert out["auto_splits"] is False
+
+
 def test_decode_step_never_gathers_the_kv_arena():
   out = _in_subprocess("_scenario_decode_hlo", mesh="data=2,model=4")
   assert out["hlo_has_local_arena"], "each device should hold a [KV heads / 4, pages, 16, 8] shard of the arena"
