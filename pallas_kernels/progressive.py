@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.storage import unpack
+from pallas_kernels.storage import is_packed, unpack
 
 # Finite stand-in for -inf: keeps exp(m_old - m_new) finite when a running max has seen no token yet.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -224,10 +224,14 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
   sub = jnp.arange(g)
 
   # Pages viewed as rows of S*D values: XLA:CPU copies a gathered 1-D row much faster than an [S, D] tile
-  # (32 vs 53 us for 32 pages of 16 x 64 float32, measured in session 3).
+  # (32 vs 53 us for 32 pages of 16 x 64 float32, measured in session 3). The pool is flattened to [H * P] rows so
+  # the gather takes one index per row (a [head, page] index pair cost an extra op every iteration).
   # A packed pool (bfloat16 bits, storage.py) is widened row by row after the gather.
+  n_pages = k_pages.shape[1]
   rows = lambda pages_all, pages: unpack(
-      pages_all.reshape(pages_all.shape[0], pages_all.shape[1], s * d)[head, pages]).reshape(g * c * s, d)
+      pages_all.reshape(-1, s * d)[head * n_pages + pages]).reshape(g * c * s, d)
+  # q as the matmul's right operand, transposed once here rather than in every iteration.
+  q_t = q.astype(jnp.float32 if is_packed(k_pages.dtype) else k_pages.dtype).T
 
   def body(carry):
     i, o, m, l, _, finished = carry
@@ -246,7 +250,7 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
     # layout. Written as q @ k.T, XLA:CPU materialized a transposed copy of every gathered chunk, which took ~2/3 of
     # the loop's time (profiled in session 3).
     precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
-    logits = jnp.dot(k, q.astype(k.dtype).T, preferred_element_type=jnp.float32, precision=precision)
+    logits = jnp.dot(k, q_t, preferred_element_type=jnp.float32, precision=precision)
     logits = jnp.where(token_ok, logits * sm_scale, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(logits, axis=0))
     correction = jnp.exp(m - m_new)
