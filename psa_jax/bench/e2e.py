@@ -104,8 +104,8 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
         print(common.table(rows[-1:], list(rows[-1])), flush=True)
     engine.cancel(base.id)
     engine.step()
-  columns = ["weights", "kv", "layers", "context", "batch", "attention", "ms_per_token", "tokens_per_s", "kv_share_read",
-             "ttft_s", "prefill_tok_per_s"]
+  columns = ["weights", "kv", "layers", "context", "batch", "attention", "ms_per_token", "tokens_per_s",
+             "kv_share_read", "ttft_s", "prefill_tok_per_s"]
   print("\n" + common.table(rows, columns))
   common.save(out_dir, f"e2e_{config.weights}", rows, {"config": dataclasses.asdict(config)})
   for batch in config.batches:
