@@ -1,5 +1,5 @@
 """The serving engine: batching equals running alone, one host read per window, pages never leak, no
-recompilation once warm. A tiny random Llama keeps it fast; the real model runs in test_engine_smollm."""
+recompilation once warm. A tiny random Llama keeps it fast; the real model is served in test_server."""
 
 import random
 import re
