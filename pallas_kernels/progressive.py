@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.storage import is_packed, unpack
+from pallas_kernels.storage import unpack, value_dtype
 
 # Finite stand-in for -inf: keeps exp(m_old - m_new) finite when a running max has seen no token yet.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -231,7 +231,7 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
   rows = lambda pages_all, pages: unpack(
       pages_all.reshape(-1, s * d)[head * n_pages + pages]).reshape(g * c * s, d)
   # q as the matmul's right operand, transposed once here rather than in every iteration.
-  q_t = q.astype(jnp.float32 if is_packed(k_pages.dtype) else k_pages.dtype).T
+  q_t = q.astype(value_dtype(k_pages.dtype)).T
 
   def body(carry):
     i, o, m, l, _, finished = carry

@@ -50,6 +50,11 @@ def pack(values: jax.Array, dtype) -> jax.Array:
   return values.astype(dtype)
 
 
+def value_dtype(dtype) -> jnp.dtype:
+  """The dtype `unpack` turns a pool of `dtype` into."""
+  return jnp.dtype(jnp.float32) if is_packed(dtype) else jnp.dtype(dtype)
+
+
 def unpack(pages: jax.Array) -> jax.Array:
   """Stored values as numbers: packed -> float32 (bfloat16's bits in the high half), anything else unchanged."""
   if not is_packed(pages.dtype):

@@ -33,6 +33,11 @@ def test_unpacked_dtypes_pass_through_untouched():
   assert storage.pack(x, jnp.float32).dtype == jnp.float32
 
 
+@pytest.mark.parametrize("dtype", [storage.PACKED, jnp.float32, jnp.bfloat16])
+def test_value_dtype_is_what_unpack_returns(dtype):
+  assert storage.value_dtype(dtype) == storage.unpack(jnp.zeros(3, dtype)).dtype
+
+
 def test_a_packed_pool_is_written_read_and_summarized_as_its_bfloat16_values():
   rng = np.random.default_rng(1)
   heads, pages, s, d = 2, 8, 16, 8
