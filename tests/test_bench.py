@@ -25,6 +25,9 @@ def test_e2e_study_decodes_every_pair_from_one_prefill(tmp_path):
   rows = e2e.run(config, tmp_path / "out")
   assert [(r["attention"], r["batch"]) for r in rows] == [(a, b) for a in ("dense", "topk", "psa") for b in (1, 2)]
   assert all(r["tokens_per_s"] > 0 and 0 < r["kv_share_read"] <= 1 for r in rows)
+  # Two timed windows of 4 tokens; the row is the median window, between the fastest and the slowest.
+  assert all(r["ms_per_token_min"] <= r["ms_per_token"] <= r["ms_per_token_max"] for r in rows)
+  assert all(abs(r["tokens_per_s"] - 1e3 * r["batch"] / r["ms_per_token"]) < 1e-6 * r["tokens_per_s"] for r in rows)
   assert (tmp_path / "out" / "e2e_float_batch2.png").exists()
 
 

@@ -38,7 +38,7 @@ def run(config: ShardingConfig, out_dir) -> list[dict]:
   lm = checkpoint.load(config.model, dtype=jnp.float32)
   c = lm.model.config
   prompt = lm.tokenizer.encode(common.prose(8 * config.context))[: config.context]
-  extra = 2 * config.decode_window + config.decode_steps + 16
+  extra = 3 * config.decode_window + config.decode_steps + 16
   rows = []
   for mesh in config.meshes:
     mesh_config = parallel.MeshConfig() if mesh == "none" else parallel.MeshConfig.parse(mesh)
