@@ -25,7 +25,8 @@ _CONTEXTS = flags.DEFINE_list("contexts", None, "Context lengths (tokens).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (e2e).")
 _ATTENTIONS = flags.DEFINE_list("attentions", ["dense", "topk", "psa"], "Attention kinds to compare.")
 _DECODE_STEPS = flags.DEFINE_integer(
-    "decode_steps", 64, "Timed decode tokens per sequence, in whole windows; rows report the median window (e2e).")
+    "decode_steps", 64,
+    "Timed decode tokens per sequence (e2e and sharding: whole windows, a row reports the median window; peers).")
 _TAU = flags.DEFINE_float("psa_tau", 0.95, "PSA threshold.")
 _TOPK = flags.DEFINE_integer("topk_blocks", 32, "Top-k budget in blocks (besides sink and local).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
