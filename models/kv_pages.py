@@ -64,7 +64,7 @@ def write_tokens(
   end = (start + num)[:, None]
   counts = jnp.where((cols * s < end) & (num[:, None] > 0), jnp.clip(end - cols * s, 0, s), 0)
   pages = jnp.take_along_axis(block_table, jnp.clip(cols, 0, m - 1), axis=1)
-  summaries = update_summaries(kv.summaries, k, pages.reshape(-1), counts.reshape(-1))
+  summaries = update_summaries(kv.summaries, k, v, pages.reshape(-1), counts.reshape(-1))
   return PagedKV(k, v, summaries)
 
 

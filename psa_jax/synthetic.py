@@ -67,10 +67,10 @@ def synthetic_decode_inputs(
       page = table[b, j]
       lean = strength * np.sqrt(head_dim) * rng.uniform(0.5, 1.0)
       k[:, page] += lean * direction[b][:, None, :]
-  k_pages = jnp.asarray(k, dtype)
+  k_pages, v_pages = jnp.asarray(k, dtype), jnp.asarray(v, dtype)
   counts = np.clip(lengths[:, None] - np.arange(width)[None, :] * block_size, 0, block_size)
   summaries = update_summaries(
-      BlockSummaries.zeros(kv_heads, num_pages, head_dim, dtype), k_pages,
+      BlockSummaries.zeros(kv_heads, num_pages, head_dim, dtype), k_pages, v_pages,
       jnp.asarray(table.reshape(-1)), jnp.asarray(counts.reshape(-1)))
-  return DecodeInputs(jnp.asarray(q, dtype), k_pages, jnp.asarray(v, dtype), jnp.asarray(table),
+  return DecodeInputs(jnp.asarray(q, dtype), k_pages, v_pages, jnp.asarray(table),
                       jnp.asarray(lengths), summaries)

@@ -28,9 +28,9 @@ def _copy_pages(kv: PagedKV, src: jax.Array, dst: jax.Array) -> PagedKV:
 
 
 def page_bytes(config: ModelConfig, block_size: int, dtype) -> int:
-  """Device bytes of one page stored as `dtype`: K and V tiles plus three summary rows, for all KV heads."""
+  """Device bytes of one page stored as `dtype`: K and V tiles plus four summary rows (BlockSummaries), for all KV heads."""
   item = jnp.dtype(dtype).itemsize
-  return config.num_kv_heads * config.head_dim * item * (2 * block_size + 3)
+  return config.num_kv_heads * config.head_dim * item * (2 * block_size + 4)
 
 
 def device_memory_bytes() -> int:

@@ -183,7 +183,7 @@ def test_dense_config_chunk_does_not_change_result():
 def packed_and_rounded(x):
   """The same bfloat16 KV twice: packed (uint16 bits, the CPU arena's storage) and widened to float32."""
   k, v = (storage.pack(p, storage.PACKED) for p in (x.k_pages, x.v_pages))
-  summaries = summarize_pages(k, jnp.arange(k.shape[1]), jnp.full((k.shape[1],), k.shape[2]))
+  summaries = summarize_pages(k, v, jnp.arange(k.shape[1]), jnp.full((k.shape[1],), k.shape[2]))
   packed = x._replace(k_pages=k, v_pages=v, summaries=summaries)
   as_float = x._replace(k_pages=storage.unpack(k), v_pages=storage.unpack(v),
                         summaries=type(summaries)(*map(storage.unpack, summaries)))

@@ -15,20 +15,24 @@ from psa_jax.synthetic import synthetic_decode_inputs
 def test_summaries_are_min_max_mean_of_the_valid_keys_only():
   rng = np.random.default_rng(0)
   k = jnp.asarray(rng.normal(size=(2, 5, 8, 4)), jnp.float32)
-  s = summarize_pages(k, jnp.array([3, 1]), jnp.array([5, 8]))
+  v = jnp.asarray(rng.normal(size=(2, 5, 8, 4)), jnp.float32)
+  s = summarize_pages(k, v, jnp.array([3, 1]), jnp.array([5, 8]))
   np.testing.assert_allclose(s.kmin[:, 0], k[:, 3, :5].min(axis=1))
   np.testing.assert_allclose(s.kmax[:, 1], k[:, 1].max(axis=1))
   np.testing.assert_allclose(s.kmean[:, 0], k[:, 3, :5].mean(axis=1), rtol=1e-6)
+  np.testing.assert_allclose(s.vmean[:, 0], v[:, 3, :5].mean(axis=1), rtol=1e-6)
+  np.testing.assert_allclose(s.vmean[:, 1], v[:, 1].mean(axis=1), rtol=1e-6)
 
 
 def test_appending_token_by_token_equals_summarizing_once():
   rng = np.random.default_rng(1)
   k = jnp.asarray(rng.normal(size=(2, 4, 8, 4)), jnp.float32)
-  stale = BlockSummaries(*(jnp.asarray(rng.normal(size=(2, 4, 4)), jnp.float32) for _ in range(3)))
+  v = jnp.asarray(rng.normal(size=(2, 4, 8, 4)), jnp.float32)
+  stale = BlockSummaries(*(jnp.asarray(rng.normal(size=(2, 4, 4)), jnp.float32) for _ in range(4)))
   s = stale  # a reused page: whatever it summarized before must not leak in
   for n in range(1, 7):
-    s = update_summaries(s, k, jnp.array([2]), jnp.array([n]))
-  once = summarize_pages(k, jnp.array([2]), jnp.array([6]))
+    s = update_summaries(s, k, v, jnp.array([2]), jnp.array([n]))
+  once = summarize_pages(k, v, jnp.array([2]), jnp.array([6]))
   for got, want, old in zip(s, once, stale):
     np.testing.assert_allclose(got[:, 2], want[:, 0], rtol=1e-6)
     np.testing.assert_array_equal(got[:, 0], old[:, 0])  # untouched pages stay
@@ -37,9 +41,10 @@ def test_appending_token_by_token_equals_summarizing_once():
 def test_padding_entries_leave_summaries_untouched():
   k = jnp.ones((1, 3, 4, 2), jnp.bfloat16)
   s = BlockSummaries.zeros(1, 3, 2)
-  s2 = update_summaries(s, k, jnp.array([0, 1]), jnp.array([0, 2]))
+  s2 = update_summaries(s, k, 2 * k, jnp.array([0, 1]), jnp.array([0, 2]))
   assert not np.asarray(s2.kmax[:, 0], np.float32).any()
   np.testing.assert_array_equal(np.asarray(s2.kmax[:, 1], np.float32), 1.0)
+  np.testing.assert_array_equal(np.asarray(s2.vmean[:, 1], np.float32), 2.0)
   assert s2.kmean.dtype == jnp.bfloat16
 
 

@@ -70,7 +70,7 @@ def paged_inputs(q, k, v, positions, block_size):
   lengths = jnp.asarray(np.tile(np.asarray(positions) + 1, layers), jnp.int32)
   queries = q[:, jnp.asarray(positions)].reshape(layers * len(positions), *q.shape[2:])
   counts = np.clip(np.asarray(lengths)[:, None] - np.arange(width)[None] * block_size, 0, block_size)
-  summaries = update_summaries(BlockSummaries.zeros(kv_heads, layers * width, d, k.dtype), k_pages,
+  summaries = update_summaries(BlockSummaries.zeros(kv_heads, layers * width, d, k.dtype), k_pages, v_pages,
                                tables.reshape(-1), jnp.asarray(counts.reshape(-1)))
   return queries, k_pages, v_pages, tables, lengths, summaries
 
