@@ -10,8 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import stopping
 from pallas_kernels.selection import VisitPlan, num_blocks
 from pallas_kernels.storage import unpack
+from pallas_kernels.summaries import BlockSummaries
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -47,58 +49,113 @@ def dense_reference(q, k_pages, v_pages, block_table, lengths, *, sm_scale):
 
 
 def ordered_attention_reference(
-    q, k_pages, v_pages, block_table, lengths, plan: VisitPlan, tau, *, chunk_blocks, sm_scale, estimator
+    q, k_pages, v_pages, block_table, lengths, plan: VisitPlan, tau, *, chunk_blocks, sm_scale, estimator,
+    summaries: BlockSummaries | None = None, patience: int = 1, compensate: bool = False,
 ):
   """Attention over the blocks the progressive loop visits under `plan`: ([B, H, G, D], blocks used [B, H]).
 
-  estimator None: exactly plan.limit blocks (top-k). Otherwise PSA's stopping rule, checked after every chunk
-  of `chunk_blocks` blocks, in the same order the loop takes them.
+  estimator None: exactly plan.limit blocks (top-k). Otherwise PSA's stopping rule (stopping.py), checked after
+  every chunk of `chunk_blocks` blocks, in the same order the loop takes them. `summaries` (their vmean) are
+  needed by the "value" estimator and by `compensate`.
   """
-  s = k_pages.shape[2]
-  b, h, g, _ = q.shape
-  m = block_table.shape[1]
-  c = chunk_blocks
   logits, token_ok, pages = _all_logits(q, k_pages, block_table, lengths, sm_scale)
-  masked = jnp.where(token_ok[:, None, None], logits, -jnp.inf)
+  v = jnp.moveaxis(unpack(v_pages[:, pages]), 0, 1).astype(jnp.float32)  # [B, H, M, S, D]
+  vmean = None
+  if summaries is not None:
+    vmean = jnp.moveaxis(unpack(summaries.vmean[:, pages]), 0, 1).astype(jnp.float32)  # [B, H, M, D]
+  return attend_in_order(logits, token_ok, v, vmean, lengths, plan, tau, chunk_blocks=chunk_blocks,
+                         estimator=estimator, patience=patience, compensate=compensate)
+
+
+def attend_in_order(logits, token_ok, v, vmean, lengths, plan: VisitPlan, tau, *, chunk_blocks, estimator,
+                    patience=1, compensate=False):
+  """The oracle's core, on logits already computed.
+
+  logits: [B, H, G, M, S] scaled logits of every token slot; token_ok: [B, M, S]; v: [B or 1, H, M, S, D] values;
+  vmean: [B or 1, H, M, D] the value summaries (None unless the rule or `compensate` needs them); lengths [B];
+  tau [B]. Returns (out [B, H, G, D] float32, blocks used [B, H] int32).
+
+  Exposed so that a study can feed logits it computed against a shared, contiguous context (many queries over
+  one document) without gathering pages per query.
+  """
+  b, h, g, m, s = logits.shape
+  c = chunk_blocks
+  # One context for every query (v [1, ...]) or one per query ([B, ...]).
+  v_sub, v = ("hmsd", v[0]) if v.shape[0] == 1 and b != 1 else ("bhmsd", v)
+  mask = token_ok[:, None, None]
+  masked = jnp.where(mask, logits, -jnp.inf)
   gmax = jnp.max(masked, axis=(-2, -1))  # [B, H, G]
   safe_max = jnp.where(jnp.isfinite(gmax), gmax, 0.0)
-  p = jnp.where(token_ok[:, None, None], jnp.exp(logits - safe_max[..., None, None]), 0.0)
+  p = jnp.where(mask, jnp.exp(logits - safe_max[..., None, None]), 0.0)
   block_mass = jnp.sum(p, axis=-1)  # [B, H, G, M]
   ordered = jnp.take_along_axis(block_mass, jnp.broadcast_to(plan.order[:, :, None, :], block_mass.shape), -1)
   gathered_upto = jnp.concatenate([jnp.zeros((b, h, g, 1)), jnp.cumsum(ordered, axis=-1)], axis=-1)  # v -> mass
-
+  n = num_blocks(lengths, s)
+  n_chunks = -(-m // c)
   limit = plan.limit[:, None, None]  # [B, 1, 1]
+  ends = jnp.minimum((jnp.arange(n_chunks) + 1) * c, limit)  # [B, 1, NC]
+  starts = jnp.minimum(jnp.arange(n_chunks) * c, limit)
+  ran = jnp.arange(n_chunks) * c < limit
+  # x [B, H, G, K, ...] at positions idx [B, H, NC] of axis 3 -> [B, H, G, NC, ...]
+  take = lambda x, idx: jnp.take_along_axis(
+      x, jnp.broadcast_to(idx.reshape(b, h, 1, n_chunks, *([1] * (x.ndim - 4))),
+                          (*x.shape[:3], n_chunks, *x.shape[4:])), 3)
+  ends_bh = jnp.broadcast_to(ends, (b, h, n_chunks))
+  gathered = take(gathered_upto, ends_bh)  # [B, H, G, NC]
+  chunk_mass = gathered - take(gathered_upto, jnp.broadcast_to(starts, (b, h, n_chunks)))
+  blocks_in_chunk = (ends - starts)[:, :, None, :]  # [B, 1, 1, NC]
+  blocks_left = n[:, None, None, None] - ends[:, :, None, :]
+  tail = stopping.tail_mass(chunk_mass, blocks_in_chunk, blocks_left)
+
+  o_at = v_tail = None
+  if stopping.needs_values(estimator, compensate):
+    # Running output and the unread tokens' mean value after each chunk, from cumulative sums in visit order.
+    pv = jnp.einsum(f"bhgms,{v_sub}->bhgmd", p, v, precision=HIGHEST)  # [B, H, G, M, D]
+    pv_ordered = jnp.take_along_axis(pv, jnp.broadcast_to(plan.order[:, :, None, :, None], pv.shape), 3)
+    pv_upto = jnp.concatenate([jnp.zeros((b, h, g, 1, pv.shape[-1])), jnp.cumsum(pv_ordered, axis=3)], axis=3)
+    o_at = take(pv_upto, ends_bh) / jnp.where(gathered > 0, gathered, 1.0)[..., None]  # [B, H, G, NC, D]
+    ntok = jnp.clip(lengths[:, None] - jnp.arange(m)[None, :] * s, 0, s).astype(jnp.float32)  # [B, M]
+    vsum = jnp.broadcast_to(vmean * ntok[:, None, :, None], (b, h, m, vmean.shape[-1]))
+    vsum_ordered = jnp.take_along_axis(vsum, jnp.broadcast_to(plan.order[..., None], vsum.shape), 2)
+    v_upto = jnp.concatenate([jnp.zeros((b, h, 1, vsum.shape[-1])), jnp.cumsum(vsum_ordered, axis=2)], axis=2)
+    n_ordered = jnp.take_along_axis(jnp.broadcast_to(ntok[:, None], (b, h, m)), plan.order, 2)
+    n_upto = jnp.concatenate([jnp.zeros((b, h, 1)), jnp.cumsum(n_ordered, axis=2)], axis=2)
+    v_read = jnp.take_along_axis(v_upto, jnp.broadcast_to(ends_bh[..., None], (b, h, n_chunks, vsum.shape[-1])), 2)
+    n_read = jnp.take_along_axis(n_upto, ends_bh, 2)
+    v_tail = stopping.tail_value(v_upto[:, :, -1:], n_upto[:, :, -1:], v_read, n_read)[:, :, None]  # [B,H,1,NC,D]
+
   if estimator is None:
     used = jnp.broadcast_to(plan.limit[:, None], (b, h))
   else:
-    n_chunks = -(-m // c)
-    ends = jnp.minimum((jnp.arange(n_chunks) + 1) * c, limit)  # [B, 1, NC]
-    starts = jnp.minimum(jnp.arange(n_chunks) * c, limit)
-    ran = jnp.arange(n_chunks) * c < limit
-    take = lambda x, idx: jnp.take_along_axis(x, jnp.broadcast_to(idx[:, :, None, :], (b, h, g, n_chunks)), -1)
-    gathered = take(gathered_upto, jnp.broadcast_to(ends, (b, h, n_chunks)))  # [B, H, G, NC]
     tau_ = tau[:, None, None, None]
-    if estimator == "score_mass":
-      rem = take(plan.log_remaining[..., :g, :], jnp.broadcast_to(jnp.minimum(ends, m - 1), (b, h, n_chunks)))
-      enough = jnp.log(gathered) + gmax[..., None] + jnp.log1p(-tau_) >= jnp.log(tau_) + rem
-    elif estimator == "estimate":
-      rem = take(plan.log_remaining[..., :g, :], jnp.broadcast_to(jnp.minimum(ends, m - 1), (b, h, n_chunks)))
-      n = num_blocks(lengths, s)[:, None, None, None]
-      enough = (ends[:, :, None, :] >= n) | (rem - plan.log_remaining[..., :g, :1] <= jnp.log1p(-tau_))
-    elif estimator == "last_chunk":
-      before = take(gathered_upto, jnp.broadcast_to(starts, (b, h, n_chunks)))
-      n = num_blocks(lengths, s)[:, None, None, None]
-      enough = (gathered * (1.0 - tau_) * (ends - starts)[:, :, None, :]
-                >= tau_ * (gathered - before) * (n - ends[:, :, None, :]))
-    else:
-      raise ValueError(f"unknown estimator {estimator!r}")
-    stop = (ends >= limit) | (
-        (tau[:, None, None] < 1.0) & (ends >= plan.n_forced[:, None, None]) & jnp.all(enough, axis=2))
-    stop = stop & ran
+    kwargs = {}
+    if estimator in ("score_mass", "estimate"):
+      log_rem = plan.log_remaining[..., :g, :]
+      kwargs = dict(log_rem=take(log_rem, jnp.minimum(ends_bh, m - 1)), log_rem_first=log_rem[..., :1],
+                    log_gathered=jnp.log(gathered) + gmax[..., None])
+    elif estimator == "value":
+      kwargs = dict(change=stopping.relative_change(gathered, tail, o_at, v_tail))
+    enough = stopping.enough(estimator, tau_, gathered=gathered, chunk_mass=chunk_mass,
+                             blocks_in_chunk=blocks_in_chunk, blocks_left=blocks_left, **kwargs)
+    ok = (tau[:, None, None] < 1.0) & (ends >= plan.n_forced[:, None, None]) & jnp.all(enough, axis=2)
+    streak = ok
+    for lag in range(1, patience):  # the rule held at `patience` consecutive chunk boundaries
+      streak = streak & jnp.pad(ok, ((0, 0), (0, 0), (lag, 0)))[..., :n_chunks]
+    stop = ((ends >= limit) | streak) & ran
     first = jnp.argmax(stop, axis=-1)  # [B, H]
-    used = jnp.where(jnp.any(stop, axis=-1), jnp.take_along_axis(ends, first[..., None], -1)[..., 0], 0)
+    used = jnp.where(jnp.any(stop, axis=-1), jnp.take_along_axis(ends_bh, first[..., None], -1)[..., 0], 0)
 
   position = jnp.argsort(plan.order, axis=-1)  # block id -> its place in the visit order
   visit = position < used[..., None]  # [B, H, M]
   weights = jnp.where(visit[:, :, None, :, None], p, 0.0)
-  return _weighted_values(weights, v_pages, pages), used.astype(jnp.int32)
+  num = jnp.einsum(f"bhgms,{v_sub}->bhgd", weights, v, precision=HIGHEST)
+  den = jnp.sum(weights, axis=(-2, -1))[..., None]
+  out = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+  if compensate:
+    # The chunk the loop stopped after: its tail estimate (0 once every block is read, so tau = 1 stays exact).
+    last = jnp.clip((used + c - 1) // c - 1, 0, n_chunks - 1)[:, :, None, None]  # [B, H, 1, 1]
+    pick = lambda x: jnp.take_along_axis(x, jnp.broadcast_to(last, (*x.shape[:3], 1)), 3)[..., 0]
+    tail_last = jnp.where((used > 0)[:, :, None], pick(jnp.broadcast_to(tail, gathered.shape)), 0.0)
+    v_last = jnp.take_along_axis(v_tail, jnp.broadcast_to(last[..., None], (b, h, 1, 1, v_tail.shape[-1])), 3)[:, :, :, 0]
+    out = jnp.where(den > 0, stopping.compensate(out, den[..., 0], tail_last, v_last), out)
+  return out, used.astype(jnp.int32)

@@ -26,11 +26,15 @@ def _kernel(q_ref, table_ref, info_ref, kmin_ref, kmax_ref, kmean_ref, out_ref, 
   valid = block < (info_ref[LENGTH] + block_size - 1) // block_size
   pages = jnp.where(valid, table_ref[...], 0)
   q = q_ref[...].astype(jnp.float32)
+  mean = lambda: _dot_t(q, kmean_ref[pages].astype(jnp.float32))
+  bound = lambda: (_dot_t(jnp.maximum(q, 0.0), kmax_ref[pages].astype(jnp.float32))  # q+ . kmax + q- . kmin
+                   + _dot_t(jnp.minimum(q, 0.0), kmin_ref[pages].astype(jnp.float32)))
   if score == "mean":
-    s = _dot_t(q, kmean_ref[pages].astype(jnp.float32))
-  else:  # minmax: q+ . kmax + q- . kmin
-    s = (_dot_t(jnp.maximum(q, 0.0), kmax_ref[pages].astype(jnp.float32))
-         + _dot_t(jnp.minimum(q, 0.0), kmin_ref[pages].astype(jnp.float32)))
+    s = mean()
+  elif score == "minmax":
+    s = bound()
+  else:  # hybrid
+    s = 0.5 * (mean() + bound())
   out_ref[...] = jnp.where(valid[None, :], s * sm_scale, float("-inf"))
 
 
@@ -55,8 +59,8 @@ def block_scores_pallas(
   if m % tile:
     raise ValueError(f"block table width {m} is not a multiple of the scoring tile {tile}")
   summary_spec = pl.BlockSpec((None, p, d), lambda i, j, t: (j, 0, 0))
-  needed = {"mean": (False, False, True), "minmax": (True, True, False)}[score]
-  arrays = [x if use else None for x, use in zip(summaries, needed)]
+  needed = {"mean": (False, False, True), "minmax": (True, True, False), "hybrid": (True, True, True)}[score]
+  arrays = [x if use else None for x, use in zip(summaries[:3], needed)]
   return pl.pallas_call(
       functools.partial(_kernel, block_size=block_size, score=score, sm_scale=sm_scale),
       grid=(b, h, m // tile),

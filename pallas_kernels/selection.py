@@ -40,7 +40,10 @@ def block_scores_reference(
   heads: the KV heads of the summaries that q's head axis stands for (None: all of them, in order).
 
   "mean": q . mean_k. "minmax": Quest's bound max_k q . k <= sum_d max(q_d kmin_d, q_d kmax_d), written as
-  q+ . kmax + q- . kmin so that it is two matmuls.
+  q+ . kmax + q- . kmin so that it is two matmuls. "hybrid": the average of the two. The bound alone ranks a
+  block by its single most aligned channel mix and overshoots the true maximum by ~10 scaled logits on real keys,
+  misranking heavy blocks; the mean logit alone misses blocks with one sharp key. Their average ranks the
+  blocks of the default model closer to the exact order than either (BENCHMARKS.md, quality study).
   """
   valid = jnp.arange(block_table.shape[1])[None, :] < num_blocks(lengths, block_size)[:, None]  # [B, M]
   pages = jnp.where(valid, block_table, 0)
@@ -54,10 +57,14 @@ def block_scores_reference(
   # Block-major product, transposed after: the gathered summaries stay the matmul's left operand in their own
   # layout (as "bhgd,bhmd->bhgm", XLA:CPU copied them transposed first).
   dot = lambda a, k: jnp.swapaxes(jnp.einsum("bhmd,bhgd->bhmg", k, a, precision=jax.lax.Precision.HIGHEST), 2, 3)
+  mean = lambda: dot(qf, take(summaries.kmean))
+  bound = lambda: dot(jnp.maximum(qf, 0.0), take(summaries.kmax)) + dot(jnp.minimum(qf, 0.0), take(summaries.kmin))
   if score == "mean":
-    s = dot(qf, take(summaries.kmean))
+    s = mean()
   elif score == "minmax":
-    s = dot(jnp.maximum(qf, 0.0), take(summaries.kmax)) + dot(jnp.minimum(qf, 0.0), take(summaries.kmin))
+    s = bound()
+  elif score == "hybrid":
+    s = 0.5 * (mean() + bound())
   else:
     raise ValueError(f"unknown score kind {score!r}")
   return jnp.where(valid[:, None, None, :], s * sm_scale, NEG_INF)

@@ -160,6 +160,8 @@ def _attend(qg, *, k_pages, v_pages, block_table, lengths, summaries, tau, kind,
         budget=config.k_blocks if kind == "topk" else config.max_blocks,
         budget_counts_forced=kind == "psa", min_blocks=config.min_blocks if kind == "psa" else 0)
   estimator = config.estimator if kind == "psa" else None
+  patience = config.patience if kind == "psa" else 1
+  compensate = config.compensate if kind == "psa" else False
 
   if impl == "reference":
     if plan is None:
@@ -168,7 +170,7 @@ def _attend(qg, *, k_pages, v_pages, block_table, lengths, summaries, tau, kind,
     else:
       out, used = reference.ordered_attention_reference(
           qg, k_pages, v_pages, block_table, lengths, plan, tau, chunk_blocks=chunk, sm_scale=sm_scale,
-          estimator=estimator)
+          estimator=estimator, summaries=summaries, patience=patience, compensate=compensate)
     return out, used
   n = selection.num_blocks(lengths, block_size)
   limit = n if plan is None else plan.limit

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-ScoreKind = Literal["mean", "minmax"]
-Estimator = Literal["score_mass", "last_chunk", "estimate"]
+ScoreKind = Literal["mean", "minmax", "hybrid"]
+Estimator = Literal["score_mass", "last_chunk", "estimate", "value"]
 Impl = Literal["auto", "pallas", "xla", "reference"]
 
-SCORE_KINDS = ("mean", "minmax")
-ESTIMATORS = ("score_mass", "last_chunk", "estimate")
+SCORE_KINDS = ("mean", "minmax", "hybrid")
+ESTIMATORS = ("score_mass", "last_chunk", "estimate", "value")
 IMPLS = ("auto", "pallas", "xla", "reference")
 
 
@@ -48,7 +48,7 @@ class TopKConfig:
 
   Attends to the first `sink_blocks`, the last `local_blocks` and the `k_blocks` other blocks of highest
   estimated criticality. `score` picks the block summary the criticality comes from ("minmax" is Quest's
-  per-channel upper bound).
+  per-channel upper bound, "mean" the mean-key logit, "hybrid" their average).
   """
 
   k_blocks: int = 32
@@ -71,8 +71,8 @@ class PSAConfig:
   """Progressive Sparse Attention.
 
   Blocks are visited in descending estimated criticality, `chunk_blocks` per iteration; the loop stops once
-  every query head of the KV group has gathered `tau` of its estimated total attention mass, or after
-  `max_blocks` blocks (None: no cap). Sink and local blocks are always visited first (within the cap), and then
+  the stopping rule (`estimator`, see pallas_kernels/stopping.py) holds for every query head of the KV group at
+  `patience` consecutive chunk boundaries, or after `max_blocks` blocks (None: no cap). Sink and local blocks are always visited first (within the cap), and then
   at least `min_blocks` more before the loop may stop (a top-k floor under the progressive rule).
 
   estimator: how the mass not yet visited is estimated.
@@ -82,8 +82,14 @@ class PSAConfig:
     "estimate": never looks at exact masses; stops once the visited blocks hold `tau` of the *estimated*
       mass. This is the Twilight-style top-p baseline (select by estimate, prune to the smallest set reaching p),
       kept beside PSA so the two are compared on the same machinery.
-  score: the block summary behind the criticality ("mean": q . mean_k; "minmax": Quest's upper bound).
-  tau = 1.0 visits every block and equals dense attention.
+    "value": value-aware; stops once the unread blocks would move the output by at most 1 - tau of its norm,
+      estimated from the last chunk's mass and the value summaries (R / (G + R) * |v_unread - o|).
+  score: the block summary behind the criticality ("mean": q . mean_k; "minmax": Quest's upper bound;
+    "hybrid": their average).
+  patience: chunk boundaries in a row at which the rule must hold.
+  compensate: fold the unread blocks' estimated contribution (their mass estimate times their mean value) into
+    the output; reads no KV, only the value summaries.
+  tau = 1.0 visits every block and equals dense attention (with or without compensation: nothing is left).
   """
 
   tau: float = 0.95
@@ -96,8 +102,14 @@ class PSAConfig:
   # estimator reached every error target with the fewest blocks; mean order with score_mass was the worst.
   score: ScoreKind = "minmax"
   estimator: Estimator = "last_chunk"
+  patience: int = 1
+  compensate: bool = False
 
   def __post_init__(self):
+    if not isinstance(self.patience, int) or self.patience < 1:
+      raise ValueError(f"patience must be an int >= 1, got {self.patience!r}")
+    if not isinstance(self.compensate, bool):
+      raise ValueError(f"compensate must be a bool, got {self.compensate!r}")
     if not isinstance(self.tau, (int, float)) or not 0.0 < float(self.tau) <= 1.0:
       raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
     if self.max_blocks is not None:
