@@ -5,6 +5,7 @@
   --study=kernel  decode attention time against context on synthetic sparse inputs (study 1)
   --study=fidelity  output error against KV blocks read on the default model's real q/k/v (study 2)
   --study=tasks     retrieval accuracy and perplexity against KV blocks read (study 3)
+  --study=quality   KL to dense, top-1 agreement and needle retrieval against KV blocks read: PSA against top-k
   --study=sharding  decode tokens/s against device count on meshes (issue 7; --host_devices forces CPU devices)
 Results: a table on stdout, a JSON file and PNG plots in --out_dir.
 """
@@ -15,9 +16,9 @@ import pathlib
 
 from absl import app, flags, logging
 
-from psa_jax.bench import e2e, fidelity, kernel, peers, sharding, tasks
+from psa_jax.bench import e2e, fidelity, kernel, peers, quality, sharding, tasks
 
-_STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "peers", "kernel", "fidelity", "tasks", "sharding"],
+_STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "peers", "kernel", "fidelity", "tasks", "quality", "sharding"],
                            "Which study to run.")
 _OUT = flags.DEFINE_string("out_dir", "bench_results", "Where JSON results and PNG plots go.")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
@@ -40,6 +41,12 @@ _IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"], "Kernel imp
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per point (kernel).")
 _SAMPLES = flags.DEFINE_integer("samples", 2, "Prompts per task and context (tasks).")
 _PPL_CONTEXT = flags.DEFINE_integer("ppl_context", 4096, "Tokens of prose for the perplexity run (tasks).")
+_DOCUMENTS = flags.DEFINE_list("documents", [], "Text files to score (quality; default: Python stdlib texts).")
+_POSITIONS = flags.DEFINE_integer("positions", 256, "Scored positions per document and context (quality).")
+_FULL = flags.DEFINE_bool("full", False, "Finer budget grid (quality; takes longer).")
+_DENSE_LAYERS = flags.DEFINE_integer("dense_layers", 0, "Layers below this index attend densely (quality).")
+_QUESTIONS = flags.DEFINE_integer("needle_questions", 24, "Questions per needle task and context (quality).")
+_NEEDLE_TASKS = flags.DEFINE_list("needle_tasks", list(quality.NEEDLE_TASKS), "Needle tasks (quality).")
 _PEERS = flags.DEFINE_list("peers", list(peers.PeersConfig.peers), "Peers to measure (peers).")
 _MESHES = flags.DEFINE_list("meshes", list(sharding.ShardingConfig.meshes),
                             "Meshes to compare (sharding): 'none' or 'data=N,model=M'.")
@@ -77,6 +84,12 @@ def main(argv):
     config = tasks.TasksConfig(model=_MODEL.value, contexts=contexts or tasks.TasksConfig.contexts,
                                samples=_SAMPLES.value, ppl_context=_PPL_CONTEXT.value, kv_dtype=_KV_DTYPE.value)
     tasks.run(config, out)
+  elif _STUDY.value == "quality":
+    config = quality.QualityConfig(
+        model=_MODEL.value, documents=tuple(_DOCUMENTS.value), contexts=contexts or quality.QualityConfig.contexts,
+        positions=_POSITIONS.value, methods=quality.default_methods(_FULL.value), dense_layers=_DENSE_LAYERS.value,
+        needle_tasks=tuple(_NEEDLE_TASKS.value), needle_questions=_QUESTIONS.value)
+    quality.run(config, out)
   elif _STUDY.value == "sharding":
     config = sharding.ShardingConfig(
         model=_MODEL.value, meshes=tuple(_MESHES.value), context=int(contexts[0]) if contexts else 1024,
