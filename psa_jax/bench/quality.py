@@ -20,9 +20,12 @@ cheaper on a CPU than gathering pages per row, and it lets the study also run an
 their exact attention mass), the best any ordering could do under the same stopping rule.
 
 Needles: all questions of a task share one context, so the context is prefilled once: the haystack with every
-fact, then question after question, each with its answer. An answer counts as retrieved when every answer token
-is the greedy choice, with the first answer token coming from the dense prefill (as in serving, where the prompt
-is prefilled densely) and the rest from the method.
+fact, then question after question, each with its answer. The first answer token is the one the dense prefill
+produces in serving (and a 135M model often misses the first digit of a 7-digit number even with dense
+attention); every later answer token comes from a decode step, so that is what is scored: an answer counts as
+retrieved when each of its tokens after the first is the method's greedy choice, teacher-forced. The default
+model retrieves poorly at 8K even with dense attention, so the share of answer tokens right is reported beside
+whole answers (its interval treats tokens as independent, which they are not quite).
 """
 
 from __future__ import annotations
@@ -475,22 +478,22 @@ def _needles(lm, runner: _Runner, config: QualityConfig, t0) -> list[dict]:
       ids, answers = needle_context(task, lm.tokenizer, context, config.needle_questions, config.seed)
       x, kv = runner.prefill(ids)
       positions = [start + j for start, n in answers for j in range(n - 1)]  # predict answer tokens 2..n
-      first = np.asarray(lm.model.logits(x[jnp.asarray([start - 1 for start, _ in answers])])).argmax(-1)
-      first_ok = first == np.asarray([ids[start] for start, _ in answers])
       for method in wanted:
         logits, used = runner.run_rows(method, ids, positions, kv)
         hit = logits.argmax(-1) == np.asarray(ids)[np.asarray(positions) + 1]
         correct, i = [], 0
-        for (start, n), ok in zip(answers, first_ok):
-          correct.append(bool(ok and hit[i:i + n - 1].all()))
+        for start, n in answers:
+          correct.append(bool(hit[i:i + n - 1].all()))
           i += n - 1
         n_ok = int(sum(correct))
         lo, hi = wilson(n_ok, len(correct))
+        t_lo, t_hi = wilson(int(hit.sum()), len(hit))
         share = float((used / (-(-(np.asarray(positions) + 1) // config.block_size))[:, None, None]).mean())
         results.append({"context": context, "task": task,
                         "method": "dense" if method is None else f"{method.family}@{method.setting}",
                         "correct": n_ok, "questions": len(correct), "accuracy": n_ok / len(correct),
-                        "ci95": [lo, hi], "kv_share": share})
+                        "ci95": [round(lo, 3), round(hi, 3)], "token_accuracy": float(hit.mean()),
+                        "token_ci95": [round(t_lo, 3), round(t_hi, 3)], "kv_share": share})
       common.progress(f"[{time.perf_counter() - t0:.0f} s] needles {task} at {context}: "
                       + ", ".join(f"{r['method']} {r['correct']}/{r['questions']}" for r in results[-len(wanted):]))
   return results
@@ -508,7 +511,7 @@ def _report(rows, headline, needles, config, docs, out_dir, n_layers):
   if needles:
     print("\nNeedle retrieval (answers right / questions, 95% Wilson interval):")
     print(common.table(needles, ["context", "task", "method", "correct", "questions", "accuracy", "ci95",
-                                 "kv_share"]))
+                                 "token_accuracy", "token_ci95", "kv_share"]))
   common.save(out_dir, "quality", rows, {
       "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "methods"},
       "methods": [dataclasses.asdict(m) | {"config": repr(m.config)} for m in config.methods],
