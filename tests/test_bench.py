@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from psa_jax.bench import e2e, kernel
 from tests import tiny_models
@@ -61,3 +62,105 @@ def test_tasks_study_scores_every_method_from_one_prefill(tmp_path):
   assert by_name[("psa", 1.0)]["ppl_kv_share_read"] == 1
   np.testing.assert_allclose(by_name[("psa", 1.0)]["perplexity"], by_name[("dense", None)]["perplexity"], rtol=1e-4)
   assert (tmp_path / "out" / "tasks_accuracy.png").stat().st_size > 0
+
+
+def _shared_context_inputs(lengths, seed=0):
+  """Synthetic decode inputs where every row reads the same run of pages (one document, many positions)."""
+  from psa_jax.synthetic import synthetic_decode_inputs
+
+  x = synthetic_decode_inputs(seed, (max(lengths),), q_heads=6, kv_heads=2, head_dim=16)
+  batch = len(lengths)
+  q = np.random.default_rng(seed).normal(size=(batch, 6, 16)).astype(np.float32)
+  table = np.repeat(np.asarray(x.block_table), batch, axis=0)
+  return x._replace(q=q, block_table=table, lengths=np.asarray(lengths, np.int32))
+
+
+@pytest.mark.parametrize("method", [
+    ("topk", 3, {"score": "minmax"}), ("topk", 2, {"score": "hybrid"}),
+    ("psa", 0.8, {"estimator": "value", "score": "hybrid", "patience": 2}),
+    ("psa", 0.9, {"estimator": "last_chunk", "compensate": True}),
+])
+def test_shared_context_attention_matches_the_library_oracle(method):
+  from psa_jax.backend import AttentionBackend
+  from psa_jax.bench import quality
+  from psa_jax.config import PSAConfig, TopKConfig
+
+  kind, knob, fields = method
+  config = PSAConfig(tau=knob, **fields) if kind == "psa" else TopKConfig(k_blocks=knob, **fields)
+  x = _shared_context_inputs((1, 17, 64, 100, 128))
+  attention = quality.SharedContextAttention(quality.Method(kind, knob, kind, config), layer_width=8)
+  tau = np.full((5,), float(knob), np.float32)
+  got, got_used = attention(*x, tau)
+  want, want_used = AttentionBackend(kind, config, "reference")(*x, tau if kind == "psa" else None)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_array_equal(got_used, want_used)
+
+
+def test_quality_study_scores_curves_needles_and_the_headline(tmp_path):
+  from psa_jax.bench import quality
+  from psa_jax.config import PSAConfig, TopKConfig
+
+  model_dir = tmp_path / "tiny"
+  tiny_models.save_tiny_hf(model_dir, "llama", seed=7)
+  docs = []
+  for i, text in enumerate([tiny_models_text(0), tiny_models_text(1)]):
+    path = tmp_path / f"doc{i}.txt"
+    path.write_text(text)
+    docs.append(str(path))
+  m = quality.Method
+  methods = (m("topk", 2, "topk", TopKConfig(k_blocks=2)), m("topk", 32, "topk", TopKConfig(k_blocks=32)),
+             m("psa", 0.5, "psa", PSAConfig(tau=0.5, estimator="value", score="hybrid", patience=2)),
+             m("psa", 1.0, "psa", PSAConfig(tau=1.0, estimator="value", score="hybrid", patience=2)),
+             m("psa_oracle_order", 0.5, "psa", PSAConfig(tau=0.5, estimator="value"), True))
+  config = quality.QualityConfig(model=str(model_dir), documents=tuple(docs), contexts=(192, 256), positions=8,
+                                 methods=methods, needle_tasks=("facts", "records"), needle_questions=2,
+                                 needle_methods=("psa@0.5",), rows_per_batch=8, bootstrap=20)
+  result = quality.run(config, tmp_path / "out")
+  rows = {(r["context"], r["family"], r["setting"]): r for r in result["rows"]}
+  assert len(rows) == 2 * len(methods)
+  for context in (192, 256):
+    # tau = 1 reads every block and predicts exactly what dense does; a top-k budget past the context is dense.
+    for exact in (("psa", 1.0), ("topk", 32.0)):
+      assert rows[(context, *exact)]["kv_share"] == 1
+      assert rows[(context, *exact)]["kl"] < 1e-6 and rows[(context, *exact)]["top1"] == 1
+    assert rows[(context, "topk", 2.0)]["kv_share"] < 1
+    assert all(0 < r["kv_share"] <= 1 and r["kl"] >= 0 for r in result["rows"])
+  assert {(h["context"], h["topk_k"]) for h in result["headline"]} == {(192, 32), (256, 32)}
+  needles = {(n["context"], n["task"], n["method"]): n for n in result["needles"]}
+  assert set(needles) == {(c, t, mth) for c in (192, 256) for t in ("facts", "records") for mth in ("dense", "psa@0.5")}
+  assert all(n["questions"] == 2 and n["ci95"][0] <= n["accuracy"] <= n["ci95"][1] for n in needles.values())
+  for name in ("quality.json", "quality_kl_192.png", "quality_layers_256.png"):
+    assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_needle_contexts_have_the_requested_length_and_state_each_answer_once():
+  from psa_jax.bench import quality
+
+  tok = tiny_models.smollm_tokenizer()
+  for task in quality.NEEDLE_TASKS:
+    ids, answers = quality.needle_context(task, tok, 1024, 6, seed=3)
+    assert len(ids) == 1024 and len(answers) == 6
+    for start, n in answers:
+      answer = tok.decode(ids[start:start + n]).strip()
+      assert len(answer) == 7 and answer.isdigit()
+      assert tok.decode(ids).count(answer) == 2  # once in the haystack, once as the answer
+
+
+def test_blocks_to_reach_interpolates_on_the_monotone_curve():
+  from psa_jax.bench import quality
+
+  curve = [(0.1, 1e-2), (0.2, 1e-3), (0.4, 1e-4), (0.3, 5e-3)]  # the 0.3 point is dominated by 0.2
+  assert quality.blocks_to_reach(curve, 1e-3) == 0.2
+  assert abs(quality.blocks_to_reach(curve, 10 ** -3.5) - 0.3) < 1e-9
+  assert quality.blocks_to_reach(curve, 1e-5) is None
+  assert quality.blocks_to_reach(curve, 1.0) == 0.1
+  lo, hi = quality.wilson(12, 24)
+  assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-9
+
+
+def tiny_models_text(i):
+  """Distinct text that every Python install has: module sources of the standard library."""
+  import inspect
+  import argparse
+  import tarfile
+  return inspect.getsource((argparse, tarfile)[i])
