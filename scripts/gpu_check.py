@@ -37,7 +37,7 @@ def main(argv):
   calls = {
       "dense": lambda x, impl: (dense_attention(*x[:5], impl=impl, interpret=_INTERPRET.value), None),
       "topk": lambda x, impl: topk_attention(*x, TopKConfig(k_blocks=64), impl=impl, interpret=_INTERPRET.value),
-      "psa": lambda x, impl: psa_attention(*x, PSAConfig(tau=0.95), impl=impl, interpret=_INTERPRET.value),
+      "psa": lambda x, impl: psa_attention(*x, PSAConfig(), impl=impl, interpret=_INTERPRET.value),
   }
   failures = 0
   print(f"{'context':>8} {'kind':>6} {'dtype':>8} {'max_err':>9} {'blocks':>8} {'pallas_ms':>10} "

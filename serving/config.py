@@ -8,6 +8,7 @@ import re
 from models.parallel import MeshConfig
 from pallas_kernels import storage
 from psa_jax.backend import KINDS
+from psa_jax.config import PSAConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ class EngineConfig:
   """
 
   attention: str = "psa"
-  psa_tau: float = 0.95
+  psa_tau: float = PSAConfig.tau
   topk_blocks: int = 32
   block_size: int = 16
   kv_memory: str = "0.25"

@@ -16,6 +16,7 @@ import pathlib
 
 from absl import app, flags, logging
 
+from psa_jax.config import PSAConfig
 from psa_jax.bench import e2e, fidelity, kernel, peers, quality, sharding, tasks
 
 _STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "peers", "kernel", "fidelity", "tasks", "quality", "sharding"],
@@ -28,7 +29,7 @@ _ATTENTIONS = flags.DEFINE_list("attentions", ["dense", "topk", "psa"], "Attenti
 _DECODE_STEPS = flags.DEFINE_integer(
     "decode_steps", 64,
     "Timed decode tokens per sequence (e2e and sharding: whole windows, a row reports the median window; peers).")
-_TAU = flags.DEFINE_float("psa_tau", 0.95, "PSA threshold.")
+_TAU = flags.DEFINE_float("psa_tau", PSAConfig.tau, "PSA threshold (see PSAConfig).")
 _TOPK = flags.DEFINE_integer("topk_blocks", 32, "Top-k budget in blocks (besides sink and local).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Weight dtype (e2e); the KV cache's is --kv_dtype.")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from models import checkpoint
 from psa_jax.bench import common
+from psa_jax.config import PSAConfig
 from serving.config import EngineConfig, SamplingParams
 from serving.engine import Engine
 
@@ -29,7 +30,7 @@ class E2EConfig:
   attentions: tuple[str, ...] = ("dense", "topk", "psa")
   decode_steps: int = 64  # timed tokens per sequence (whole windows), after one warm-up window
   decode_window: int = 16
-  psa_tau: float = 0.95
+  psa_tau: float = PSAConfig.tau
   topk_blocks: int = 32
   dtype: str = "float32"
   weights: str = "float"  # or "int8" (models/quantize.py)

@@ -21,7 +21,7 @@ class KernelConfig:
   contexts: tuple[int, ...] = (1024, 4096, 16384, 65536, 131072)
   attentions: tuple[str, ...] = ("dense", "topk", "psa")
   batch: int = 1
-  psa_tau: float = 0.95
+  psa_tau: float = PSAConfig.tau
   topk_blocks: int = 32
   impl: str = "auto"
   repeats: int = 5

@@ -16,6 +16,7 @@ from flax import nnx
 
 from models import checkpoint, parallel
 from psa_jax.bench import common
+from psa_jax.config import PSAConfig
 from psa_jax.bench.e2e import prefill_and_hold, timed_decode
 from serving.config import EngineConfig
 from serving.engine import Engine
@@ -30,7 +31,7 @@ class ShardingConfig:
   attentions: tuple[str, ...] = ("dense", "psa")
   decode_steps: int = 32
   decode_window: int = 16
-  psa_tau: float = 0.95
+  psa_tau: float = PSAConfig.tau
 
 
 def run(config: ShardingConfig, out_dir) -> list[dict]:
