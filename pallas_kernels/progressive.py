@@ -3,16 +3,24 @@
 A program owns one (sequence, KV head). It walks the sequence's blocks in a given order, `chunk_blocks` per
 iteration, folds each chunk into an online softmax, and stops on its own:
   * after `limit` blocks (dense: all blocks; top-k: forced + k; PSA: max_blocks), or
-  * (PSA only) once every query head of the group has gathered `tau` of its estimated total mass, and the forced
-    sink/local blocks are in.
+  * (PSA only) once PSA's stopping rule has held for every query head of the group at `patience` consecutive
+    chunk boundaries, the forced sink/local blocks being in.
+With `compensate`, PSA folds the estimated contribution of the blocks it did not read into the output.
+The rule itself (estimators, tail estimates, compensation) is defined once, in `stopping.py`; the loops here
+only gather its inputs after each chunk, in their own layout, and call it.
 Two implementations of that loop: `progressive_loop`, the Pallas kernel's body (one chunk per iteration, reading
 refs through small "loader" callables), and `_wide_loop`, the XLA path's (one loop per KV head, vmapped over the
 batch, several chunks per iteration because a CPU loop iteration is expensive, replaying the stopping rule at each
 chunk boundary).
-Both must take the same decisions; the tests hold each against the loop-free oracle in `reference.py`, so a
-change to the stopping rule goes into both and into the oracle.
+Both must take the same decisions as the loop-free oracle in `reference.py`, which calls `stopping.py` too; the
+tests hold each loop against it.
 
-Shapes: B batch, H kv heads, Gp query heads per kv head padded, D head_dim, P pages, S block_size,
+The value-aware parts ("value" estimator, `compensate`) also need, per KV head, the value summaries (vmean) of the
+blocks read so far and of the whole sequence, both weighted by each block's token count. The loops read the vmean
+rows of the pages they visit (a [C, D] read per chunk beside the [C, S, D] of KV); the whole sequence's sum is
+computed once before the loop. Without them (`stopping.needs_values` False) the loops carry and read nothing extra.
+
+Shapes: B batch, H kv heads, Gp query heads per kv head padded, D head_dim, P pages, S block size,
 M blocks per sequence (padded to a multiple of chunk_blocks).
 """
 
@@ -27,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import stopping
 from pallas_kernels.storage import unpack, value_dtype
 
 # Finite stand-in for -inf: keeps exp(m_old - m_new) finite when a running max has seen no token yet.
@@ -43,6 +52,32 @@ def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.dot(a.astype(b.dtype), b.T, preferred_element_type=jnp.float32, precision=precision)
 
 
+def _block_tokens(logical: jax.Array, length: jax.Array, block_size: int) -> jax.Array:
+  """Tokens held by each logical block (float32, 0 past the end): the weight of its vmean in the value sums."""
+  return jnp.clip(length - logical * block_size, 0, block_size).astype(jnp.float32)
+
+
+def _weighted_rows(ntok: jax.Array, vmean: jax.Array) -> jax.Array:
+  """ntok[:, None] * vmean as float32 [n, D], exactly 0 for empty slots whatever the page they point at holds."""
+  return jnp.where(ntok[:, None] > 0, ntok[:, None] * vmean.astype(jnp.float32), 0.0)
+
+
+def _vmean_rows(vmean: jax.Array, pages: jax.Array, head: int) -> jax.Array:
+  """vmean rows [n, D] float32 of `pages` at the static `head` of the pool [H, P, D] (a gather, never a slice)."""
+  n_pages, d = vmean.shape[1:]
+  return unpack(vmean.reshape(-1, d)[head * n_pages + pages]).astype(jnp.float32)
+
+
+def value_total(vmean: jax.Array, table: jax.Array, length: jax.Array, *, head: int, block_size: int) -> jax.Array:
+  """Sum over one sequence's blocks of n_tokens * vmean at KV head `head`: float32 [D].
+
+  vmean: the pool's value summaries [H, P, D]; table: [M] the sequence's pages; length: []. With the token count
+  (which is `length`), it gives the mean value of the unread tokens once the read blocks are subtracted.
+  """
+  ntok = _block_tokens(jnp.arange(table.shape[0]), length, block_size)
+  return jnp.sum(_weighted_rows(ntok, _vmean_rows(vmean, jnp.where(ntok > 0, table, 0), head)), axis=0)
+
+
 def progressive_loop(
     q: jax.Array,  # [Gp, D]
     length: jax.Array,  # [] tokens in the sequence
@@ -54,21 +89,29 @@ def progressive_loop(
     load_pages: Callable[[jax.Array], jax.Array],  # [C] logical -> [C] physical pages
     load_kv: Callable[[jax.Array], tuple[jax.Array, jax.Array]],  # [C] pages -> 2 x [C, S, D]
     load_log_remaining: Callable[[jax.Array], jax.Array] | None,  # i -> [Gp]
+    load_vmean: Callable[[jax.Array], jax.Array] | None,  # [C] pages -> [C, D]; when stopping.needs_values
+    v_total: jax.Array | None,  # [D] float32, `value_total` of the sequence; when stopping.needs_values
     group: int,
     block_size: int,
     chunk_blocks: int,
     num_order_slots: int,
     sm_scale: float,
     estimator: str | None,  # None: no early stop (dense, top-k)
+    patience: int = 1,  # chunk boundaries in a row at which the rule must hold (PSAConfig.patience)
+    compensate: bool = False,  # fold the unread blocks' estimate into the output (PSAConfig.compensate)
 ) -> tuple[jax.Array, jax.Array]:
   """Returns the normalized output [Gp, D] (float32) and the number of blocks visited []."""
   gp, d = q.shape
   c, s = chunk_blocks, block_size
   head_ok = jnp.arange(gp) < group
   n_valid = (length + s - 1) // s
+  values = stopping.needs_values(estimator, compensate)
+  streaks = estimator is not None and patience > 1
+  if values:
+    n_total = length.astype(jnp.float32)  # the token counts of the sequence's blocks add up to its length
 
   def body(carry):
-    i, o, m, l, _, _ = carry
+    i, o, m, l, _, _, extra = carry
     start = i * c
     in_budget = start + jnp.arange(c) < limit
     logical = jnp.where(in_budget, load_order(start), 0)
@@ -91,25 +134,41 @@ def progressive_loop(
 
     visited = jnp.minimum(start + c, limit)
     done = visited >= limit
+    blocks_in_chunk, blocks_left = visited - start, n_valid - visited
+    extra_new = {}
+    if values:
+      ntok = jnp.where(in_budget, _block_tokens(logical, length, s), 0.0)  # [C]
+      extra_new["v_read"] = extra["v_read"] + jnp.sum(_weighted_rows(ntok, load_vmean(pages)), axis=0)
+      extra_new["n_read"] = extra["n_read"] + jnp.sum(ntok)
+      extra_new["tail"] = tail = stopping.tail_mass(chunk_mass, blocks_in_chunk, blocks_left)  # [Gp]
     if estimator is not None:
       if estimator == "score_mass":
-        # gathered >= tau * (gathered + remaining), in logs: the true gathered mass is l * exp(m).
         log_rem = load_log_remaining(jnp.minimum(visited, num_order_slots - 1))
-        enough = jnp.log(l_new) + m_new + jnp.log1p(-tau) >= jnp.log(tau) + log_rem
+        rule_inputs = dict(log_rem=log_rem, log_gathered=jnp.log(l_new) + m_new)  # l * exp(m): absolute mass
       elif estimator == "estimate":
-        # Top-p on estimates alone: the share of estimated mass not yet visited is at most 1 - tau.
         log_rem = load_log_remaining(jnp.minimum(visited, num_order_slots - 1))
-        enough = jnp.where(visited >= n_valid, True, log_rem - load_log_remaining(0) <= jnp.log1p(-tau))
-      elif estimator == "last_chunk":
-        blocks_in_chunk = (visited - start).astype(jnp.float32)
-        blocks_left = (n_valid - visited).astype(jnp.float32)
-        enough = l_new * (1.0 - tau) * blocks_in_chunk >= tau * chunk_mass * blocks_left
+        rule_inputs = dict(log_rem=log_rem, log_rem_first=load_log_remaining(0))
+      elif estimator == "value":
+        o_now = o_new / jnp.where(l_new > 0, l_new, 1.0)[:, None]
+        v_tail = stopping.tail_value(v_total, n_total, extra_new["v_read"], extra_new["n_read"])
+        rule_inputs = dict(change=stopping.relative_change(l_new, tail, o_now, v_tail))
       else:
-        raise ValueError(f"unknown estimator {estimator!r}")
+        rule_inputs = {}
+      enough = stopping.enough(estimator, tau, gathered=l_new, chunk_mass=chunk_mass,
+                               blocks_in_chunk=blocks_in_chunk, blocks_left=blocks_left, **rule_inputs)
       all_enough = jnp.min(jnp.where(enough | ~head_ok, 1, 0)) > 0
-      done = done | ((tau < 1.0) & (visited >= n_forced) & all_enough)
-    return i + 1, o_new, m_new, l_new, visited, done
+      ok = (tau < 1.0) & (visited >= n_forced) & all_enough
+      if streaks:
+        extra_new["streak"] = jnp.where(ok, extra["streak"] + 1, 0)
+        ok = extra_new["streak"] >= patience
+      done = done | ok
+    return i + 1, o_new, m_new, l_new, visited, done, extra_new
 
+  extra = {}
+  if values:
+    extra.update(v_read=jnp.zeros((d,), jnp.float32), n_read=jnp.float32(0), tail=jnp.zeros((gp,), jnp.float32))
+  if streaks:
+    extra["streak"] = jnp.int32(0)
   init = (
       jnp.int32(0),
       jnp.zeros((gp, d), jnp.float32),
@@ -117,14 +176,19 @@ def progressive_loop(
       jnp.zeros((gp,), jnp.float32),
       jnp.int32(0),
       limit <= 0,
+      extra,
   )
-  _, o, _, l, visited, _ = lax.while_loop(lambda carry: jnp.logical_not(carry[-1]), body, init)
+  _, o, _, l, visited, _, extra = lax.while_loop(lambda carry: jnp.logical_not(carry[5]), body, init)
   o = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+  if compensate:
+    # The tail estimate of the chunk the loop stopped after; 0 once every block is read (tau = 1 stays exact).
+    v_tail = stopping.tail_value(v_total, n_total, extra["v_read"], extra["n_read"])
+    o = jnp.where(l[:, None] > 0, stopping.compensate(o, l, extra["tail"], v_tail), o)
   return o, visited
 
 
-def _kernel(q_ref, k_ref, v_ref, table_ref, order_ref, log_rem_ref, info_ref, tau_ref, o_ref, used_ref,
-            **loop_kwargs):
+def _kernel(q_ref, k_ref, v_ref, table_ref, order_ref, log_rem_ref, vmean_ref, v_total_ref, info_ref, tau_ref,
+            o_ref, used_ref, **loop_kwargs):
   c = loop_kwargs["chunk_blocks"]
   if order_ref is None:  # dense: natural order, no gather of the order
     load_order = lambda start: start + jnp.arange(c)
@@ -144,10 +208,19 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, order_ref, log_rem_ref, info_ref, ta
       load_pages=lambda logical: table_ref[logical],
       load_kv=lambda pages: (k_ref[pages], v_ref[pages]),
       load_log_remaining=load_log_remaining,
+      load_vmean=None if vmean_ref is None else (lambda pages: vmean_ref[pages]),
+      v_total=None if v_total_ref is None else v_total_ref[...],
       **loop_kwargs,
   )
   o_ref[...] = o.astype(o_ref.dtype)
   used_ref[...] = jnp.full(used_ref.shape, visited, jnp.int32)
+
+
+def _value_totals(vmean, block_table, lengths, heads, block_size):
+  """`value_total` of every (sequence, KV head) [B, len(heads), D], outside the loops (one [M, D] read each)."""
+  per_head = lambda head: jax.vmap(functools.partial(value_total, vmean, head=head, block_size=block_size))(
+      block_table, lengths)
+  return jnp.stack([per_head(head) for head in heads], axis=1)
 
 
 def progressive_attention_pallas(
@@ -165,6 +238,9 @@ def progressive_attention_pallas(
     sm_scale: float,
     estimator: str | None,
     interpret: bool,
+    vmean: jax.Array | None = None,  # [H, P, D] value summaries; needed when stopping.needs_values
+    patience: int = 1,
+    compensate: bool = False,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> tuple[jax.Array, jax.Array]:
@@ -172,9 +248,16 @@ def progressive_attention_pallas(
   b, h, gp, d = q.shape
   _, p, s, _ = k_pages.shape
   m = block_table.shape[1]
+  v_total = None
+  if stopping.needs_values(estimator, compensate):
+    if vmean is None:
+      raise ValueError(f"estimator {estimator!r} with compensate={compensate} needs the value summaries (vmean)")
+    v_total = _value_totals(vmean, block_table, info[:, LENGTH], range(h), s)
+  else:
+    vmean = None
   kernel = functools.partial(
       _kernel, group=group, block_size=s, chunk_blocks=chunk_blocks, num_order_slots=m,
-      sm_scale=sm_scale, estimator=estimator)
+      sm_scale=sm_scale, estimator=estimator, patience=patience, compensate=compensate)
   pages_spec = pl.BlockSpec((None, p, s, d), lambda i, j: (j, 0, 0, 0))
   in_specs = [
       pl.BlockSpec((None, None, gp, d), lambda i, j: (i, j, 0, 0)),
@@ -183,6 +266,8 @@ def progressive_attention_pallas(
       pl.BlockSpec((None, m), lambda i, j: (i, 0)),
       None if order is None else pl.BlockSpec((None, None, m), lambda i, j: (i, j, 0)),
       None if log_remaining is None else pl.BlockSpec((None, None, gp, m), lambda i, j: (i, j, 0, 0)),
+      None if vmean is None else pl.BlockSpec((None, p, d), lambda i, j: (j, 0, 0)),
+      None if v_total is None else pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0)),
       pl.BlockSpec((None, INFO_WIDTH), lambda i, j: (i, 0)),
       pl.BlockSpec((None, 1), lambda i, j: (i, 0)),
   ]
@@ -201,20 +286,23 @@ def progressive_attention_pallas(
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"progressive_attention_{estimator or 'fixed'}",
-  )(q, k_pages, v_pages, block_table, order, log_remaining, info, tau[:, None])
+  )(q, k_pages, v_pages, block_table, order, log_remaining, vmean, v_total, info, tau[:, None])
   return out, used[..., 0]
 
 
-def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, log_rem, *, head, group, block_size,
-               chunk_blocks, chunks_per_step, sm_scale, estimator):
+def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, log_rem, vmean, *, head, group,
+               block_size, chunk_blocks, chunks_per_step, sm_scale, estimator, patience=1, compensate=False):
   """`progressive_loop` for the XLA path, `chunks_per_step` chunks per iteration.
 
   On a CPU each loop iteration has a fixed cost that dwarfs a 4-block chunk's arithmetic, so one iteration
   computes several chunks at once and then replays the stopping rule at each chunk boundary inside it, keeping
   only the chunks up to the first boundary where the rule fires. The blocks counted as visited, and so the
-  output, are those of the one-chunk loop; the extra chunks are computed and dropped.
+  output, are those of the one-chunk loop; the extra chunks are computed and dropped. What the one-chunk loop
+  carries from chunk to chunk (the patience streak, the value sums) is replayed the same way, with cumulative sums
+  over the iteration's chunks, and carried across iterations.
   Arrays are one (sequence, KV head): order [M], table [M], log_rem [Gp, M]; the pages are the whole pool
-  [H, P, S, D], read at the static `head` (a gather, never a slice that XLA could copy).
+  [H, P, S, D] and vmean the pool's value summaries [H, P, D] (None unless `stopping.needs_values`), read at the
+  static `head` (a gather, never a slice that XLA could copy).
   """
   gp, d = q.shape
   c, s, g = chunk_blocks, block_size, chunks_per_step
@@ -222,6 +310,13 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
   head_ok = jnp.arange(gp) < group
   n_valid = (length + s - 1) // s
   sub = jnp.arange(g)
+  values = stopping.needs_values(estimator, compensate)
+  streaks = estimator is not None and patience > 1
+  # The running output after every chunk of an iteration, not only after the kept ones: the "value" rule reads it.
+  outputs_per_chunk = estimator == "value"
+  if values:
+    v_total = value_total(vmean, table, length, head=head, block_size=s)
+    n_total = length.astype(jnp.float32)  # the token counts of the sequence's blocks add up to its length
 
   # Pages viewed as rows of S*D values: XLA:CPU copies a gathered 1-D row much faster than an [S, D] tile
   # (32 vs 53 us for 32 pages of 16 x 64 float32, measured in session 3). The pool is flattened to [H * P] rows so
@@ -234,7 +329,7 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
   q_t = q.astype(value_dtype(k_pages.dtype)).T
 
   def body(carry):
-    i, o, m, l, _, finished = carry
+    i, o, m, l, _, finished, extra = carry
     start = i * c * g
     position = start + jnp.arange(g * c)
     # `finished` is always False here for one lane; vmapped over a batch, the loop runs until every lane is done
@@ -259,48 +354,88 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
     gathered = l[:, None] * correction[:, None] + jnp.cumsum(chunk_mass, axis=-1)  # after each chunk
     ends = jnp.minimum(start + (sub + 1) * c, limit)  # [g] blocks visited after each chunk
     begins = jnp.minimum(start + sub * c, limit)
+    blocks_in_chunk, blocks_left = ends - begins, n_valid - ends
+    if values:  # the value sums and the tail estimate after each chunk
+      ntok = jnp.where(in_budget, _block_tokens(logical, length, s), 0.0)  # [g*C]
+      weighted = _weighted_rows(ntok, _vmean_rows(vmean, pages, head)).reshape(g, c, d).sum(1)
+      v_read = extra["v_read"] + jnp.cumsum(weighted, axis=0)  # [g, D]
+      n_read = extra["n_read"] + jnp.cumsum(ntok.reshape(g, c).sum(1))  # [g]
+      tail = stopping.tail_mass(chunk_mass, blocks_in_chunk, blocks_left)  # [Gp, g]
+    if outputs_per_chunk:
+      # p @ v chunk by chunk, then summed up to each boundary: the unnormalized output after each chunk. From an
+      # explicitly transposed p, as below: contracted over p's first axis, XLA:CPU's batched dot made a loop with
+      # the "value" rule 30% slower than with "last_chunk" (8K tokens, float32, batch 1), against 5-10% this way.
+      p_t = lax.optimization_barrier(p.astype(v.dtype).T).reshape(gp, g, c * s)
+      pv = jnp.einsum("igt,gtd->gid", p_t, v.reshape(g, c * s, d), preferred_element_type=jnp.float32,
+                      precision=precision)  # [g, Gp, D]
+      o_upto = o[None] * correction[None, :, None] + jnp.cumsum(pv, axis=0)
     stop = ends >= limit
     if estimator is not None:
-      tau_ = tau
       if estimator == "score_mass":
-        rem = log_rem[:, jnp.minimum(ends, m_slots - 1)]
-        enough = jnp.log(gathered) + m_new[:, None] + jnp.log1p(-tau_) >= jnp.log(tau_) + rem
+        rule_inputs = dict(log_rem=log_rem[:, jnp.minimum(ends, m_slots - 1)],
+                           log_gathered=jnp.log(gathered) + m_new[:, None])  # l * exp(m): absolute mass
       elif estimator == "estimate":
-        rem = log_rem[:, jnp.minimum(ends, m_slots - 1)]
-        enough = (ends >= n_valid)[None] | (rem - log_rem[:, :1] <= jnp.log1p(-tau_))
-      elif estimator == "last_chunk":
-        enough = (gathered * (1.0 - tau_) * (ends - begins).astype(jnp.float32)
-                  >= tau_ * chunk_mass * (n_valid - ends).astype(jnp.float32))
+        rule_inputs = dict(log_rem=log_rem[:, jnp.minimum(ends, m_slots - 1)], log_rem_first=log_rem[:, :1])
+      elif estimator == "value":
+        o_at = jnp.swapaxes(o_upto, 0, 1) / jnp.where(gathered > 0, gathered, 1.0)[..., None]  # [Gp, g, D]
+        v_tail = stopping.tail_value(v_total, n_total, v_read, n_read)  # [g, D]
+        rule_inputs = dict(change=stopping.relative_change(gathered, tail, o_at, v_tail[None]))
       else:
-        raise ValueError(f"unknown estimator {estimator!r}")
+        rule_inputs = {}
+      enough = stopping.enough(estimator, tau, gathered=gathered, chunk_mass=chunk_mass,
+                               blocks_in_chunk=blocks_in_chunk, blocks_left=blocks_left, **rule_inputs)
       all_enough = jnp.all(enough | ~head_ok[:, None], axis=0)
-      stop = stop | ((tau < 1.0) & (ends >= n_forced) & all_enough)
+      ok = (tau < 1.0) & (ends >= n_forced) & all_enough  # [g]
+      if streaks:
+        # Boundaries in a row at which the rule held, up to each boundary, continuing the previous iteration's run.
+        last_miss = lax.cummax(jnp.where(ok, -1, sub), axis=0)
+        run = jnp.where(last_miss < 0, extra["streak"] + sub + 1, sub - last_miss)
+        ok = run >= patience
+      stop = stop | ok
     stop = stop & (begins < limit)  # chunks past the budget never ran
     done = jnp.any(stop)
     last = jnp.where(done, jnp.argmax(stop), g - 1)
-    keep = (jnp.repeat(sub, c * s) <= last)[:, None]
-    # p.T @ v as a plain [Gp, rows] x [rows, D] matmul of an explicitly transposed p (a few KiB). Written as a
-    # contraction over p's first axis, XLA:CPU chose a slower dot; the barrier keeps it from folding the
-    # transpose back in (PSA -6%, dense -8% at 8K, batch 1, measured in session 4).
-    p_t = lax.optimization_barrier(jnp.where(keep, p, 0.0).astype(v.dtype).T)
-    pv = jnp.dot(p_t, v, preferred_element_type=jnp.float32, precision=precision)  # [Gp, D]
-    o_new = o * correction[:, None] + pv
-    return i + 1, o_new, m_new, gathered[:, last], ends[last], done
+    if outputs_per_chunk:
+      o_new = o_upto[last]
+    else:
+      keep = (jnp.repeat(sub, c * s) <= last)[:, None]
+      # p.T @ v as a plain [Gp, rows] x [rows, D] matmul of an explicitly transposed p (a few KiB). Written as a
+      # contraction over p's first axis, XLA:CPU chose a slower dot; the barrier keeps it from folding the
+      # transpose back in (PSA -6%, dense -8% at 8K, batch 1, measured in session 4).
+      p_t = lax.optimization_barrier(jnp.where(keep, p, 0.0).astype(v.dtype).T)
+      pv = jnp.dot(p_t, v, preferred_element_type=jnp.float32, precision=precision)  # [Gp, D]
+      o_new = o * correction[:, None] + pv
+    extra_new = {}
+    if values:
+      extra_new.update(v_read=v_read[last], n_read=n_read[last], tail=tail[:, last])
+    if streaks:
+      extra_new["streak"] = run[last]
+    return i + 1, o_new, m_new, gathered[:, last], ends[last], done, extra_new
 
+  extra = {}
+  if values:
+    extra.update(v_read=jnp.zeros((d,), jnp.float32), n_read=jnp.float32(0), tail=jnp.zeros((gp,), jnp.float32))
+  if streaks:
+    extra["streak"] = jnp.int32(0)
   init = (jnp.int32(0), jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32),
-          jnp.zeros((gp,), jnp.float32), jnp.int32(0), limit <= 0)
-  _, o, _, l, visited, _ = lax.while_loop(lambda carry: jnp.logical_not(carry[-1]), body, init)
+          jnp.zeros((gp,), jnp.float32), jnp.int32(0), limit <= 0, extra)
+  _, o, _, l, visited, _, extra = lax.while_loop(lambda carry: jnp.logical_not(carry[5]), body, init)
   o = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+  if compensate:
+    # The tail estimate of the chunk the loop stopped after; 0 once every block is read (tau = 1 stays exact).
+    v_tail = stopping.tail_value(v_total, n_total, extra["v_read"], extra["n_read"])
+    o = jnp.where(l[:, None] > 0, stopping.compensate(o, l, extra["tail"], v_tail), o)
   return o, visited
 
 
 def progressive_attention_xla(
     q, k_pages, v_pages, block_table, order, log_remaining, info, tau, *, group, chunk_blocks, sm_scale,
-    estimator, chunks_per_step: int = 8, heads: tuple[int, ...] | None = None,
+    estimator, vmean=None, patience: int = 1, compensate: bool = False, chunks_per_step: int = 8,
+    heads: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The same decisions as plain XLA ops: the CPU path. Same signature and results as
   `progressive_attention_pallas`; `chunks_per_step` chunks are computed per loop iteration. `heads`: the KV
-  heads of the pool that q's head axis stands for (None: all of them, in order).
+  heads of the pool (and of vmean) that q's head axis stands for (None: all of them, in order).
 
   One loop per KV head, each vmapped over the batch, so each head stops on its own; one loop vmapped over heads
   as well ran every head until the slowest one was done, ~15% slower for PSA at 8K, batch 8 (session 3), and a
@@ -316,11 +451,14 @@ def progressive_attention_xla(
     order = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, h, m))
   if log_remaining is None:
     log_remaining = jnp.zeros((b, h, 1, 1), jnp.float32)  # unread placeholder, vmapped like the real one
+  if stopping.needs_values(estimator, compensate) and vmean is None:
+    raise ValueError(f"estimator {estimator!r} with compensate={compensate} needs the value summaries (vmean)")
 
   def one(q_b, table_b, order_b, log_rem_b, info_b, tau_b, *, head):
     return _wide_loop(q_b, info_b[LENGTH], info_b[LIMIT], info_b[N_FORCED], tau_b, order_b, table_b, k_pages,
-                      v_pages, log_rem_b, head=head, group=group, block_size=s, chunk_blocks=chunk_blocks,
-                      chunks_per_step=chunks_per_step, sm_scale=sm_scale, estimator=estimator)
+                      v_pages, log_rem_b, vmean, head=head, group=group, block_size=s, chunk_blocks=chunk_blocks,
+                      chunks_per_step=chunks_per_step, sm_scale=sm_scale, estimator=estimator, patience=patience,
+                      compensate=compensate)
 
   heads = tuple(range(h)) if heads is None else heads
   outs, used = zip(*(

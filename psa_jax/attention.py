@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import progressive, reference, scoring, selection, storage
+from pallas_kernels import progressive, reference, scoring, selection, stopping, storage
 from pallas_kernels.summaries import BlockSummaries
 from psa_jax.config import IMPLS, DenseConfig, PSAConfig, TopKConfig
 
@@ -180,7 +180,9 @@ def _attend(qg, *, k_pages, v_pages, block_table, lengths, summaries, tau, kind,
           None if plan is None else plan.order,
           plan.log_remaining if estimator in ("score_mass", "estimate") else None,
           info, tau)
-  kwargs = dict(group=group, chunk_blocks=chunk, sm_scale=sm_scale, estimator=estimator)
+  kwargs = dict(group=group, chunk_blocks=chunk, sm_scale=sm_scale, estimator=estimator, patience=patience,
+                compensate=compensate,
+                vmean=summaries.vmean if stopping.needs_values(estimator, compensate) else None)
   if impl == "pallas":
     return progressive.progressive_attention_pallas(*args, interpret=interpret, **kwargs)
   return progressive.progressive_attention_xla(*args, heads=heads, **kwargs)

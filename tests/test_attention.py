@@ -217,3 +217,86 @@ def test_summaries_must_be_packed_exactly_when_the_pages_are():
   packed, as_float = packed_and_rounded(inputs())
   with pytest.raises(ValueError, match="packed exactly when"):
     psa_attention(*packed._replace(summaries=as_float.summaries), impl="xla")
+
+
+# The value-aware options (stopping.py): the "value" estimator, patience and tail compensation, with the hybrid
+# block score. Each config is a compile of its own, so the cases below are a spread, not a product.
+VALUE_CONFIGS = {
+    "value": PSAConfig(tau=0.9, estimator="value", score="hybrid"),
+    "value_patience": PSAConfig(tau=0.7, estimator="value", score="hybrid", patience=2, chunk_blocks=1),
+    "value_compensated": PSAConfig(tau=0.95, estimator="value", score="hybrid", compensate=True, chunk_blocks=2),
+    "value_patience_compensated": PSAConfig(tau=0.8, estimator="value", score="hybrid", patience=2,
+                                            compensate=True, chunk_blocks=1),
+    "last_chunk_patience_compensated": PSAConfig(tau=0.6, estimator="last_chunk", score="hybrid", patience=2,
+                                                 compensate=True, chunk_blocks=1),
+    "value_capped_compensated": PSAConfig(tau=0.99, estimator="value", score="hybrid", compensate=True,
+                                          max_blocks=3, chunk_blocks=2),
+}
+
+
+def held_to_oracle(x, config, impl, dtype):
+  out, used = psa_attention(*x, config, impl=impl)
+  ref_out, ref_used = psa_attention(*x, config, impl="reference")
+  np.testing.assert_array_equal(used, ref_used)
+  close(out, ref_out, dtype)
+  return used
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("name, dtype", [
+    *((name, jnp.float32) for name in VALUE_CONFIGS),
+    ("value_patience", jnp.bfloat16), ("value_compensated", jnp.bfloat16),
+])
+def test_value_rule_patience_and_compensation_match_oracle(impl, name, dtype):
+  held_to_oracle(inputs(group=3, dtype=dtype, seed=1), VALUE_CONFIGS[name], impl, dtype)
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])  # 3: the cases above
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_value_rule_matches_oracle_for_gqa_group_sizes(group, impl):
+  x = inputs(group=group, kv_heads=1 if group == 8 else 2, seed=6, heavy_blocks=2, strength=3.0)
+  held_to_oracle(x, VALUE_CONFIGS["value_patience_compensated"], impl, jnp.float32)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
+def test_value_rule_with_tau_one_equals_dense_with_or_without_compensation(impl):
+  x = inputs()
+  n = -(-np.asarray(x.lengths) // 16)
+  outs = []
+  for compensate in (False, True):
+    config = PSAConfig(tau=1.0, estimator="value", score="hybrid", patience=2, compensate=compensate)
+    out, used = psa_attention(*x, config, impl=impl)
+    close(out, dense_oracle(x), jnp.float32)
+    np.testing.assert_array_equal(used, np.broadcast_to(n[:, None], used.shape))
+    outs.append(np.asarray(out))
+  # Nothing is left unread, so the compensation adds exactly nothing.
+  np.testing.assert_array_equal(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
+def test_value_rule_with_empty_budget_attends_to_nothing_even_compensated(impl):
+  x = inputs()
+  config = PSAConfig(max_blocks=0, estimator="value", score="hybrid", patience=2, compensate=True)
+  out, used = psa_attention(*x, config, impl=impl)
+  assert not np.asarray(used).any() and not np.asarray(out).any()
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_value_rule_on_packed_bfloat16_pages_matches_oracle(impl):
+  packed, _ = packed_and_rounded(inputs(group=3, seed=5, heavy_blocks=2, strength=3.0))
+  # The kernels read packed pages as bfloat16 (and round q to it); the XLA path and the oracle widen them.
+  held_to_oracle(packed, VALUE_CONFIGS["value_patience_compensated"], impl,
+                 jnp.bfloat16 if impl == "pallas" else jnp.float32)
+
+
+@pytest.mark.parametrize("config", [
+    PSAConfig(tau=0.98, estimator="value", score="hybrid", patience=3, chunk_blocks=1),
+    PSAConfig(tau=0.9, estimator="value", score="hybrid", patience=2, compensate=True, chunk_blocks=2),
+], ids=["patience_3", "patience_2_compensated"])
+def test_xla_value_rule_streak_across_wide_iterations_matches_oracle(config):
+  x = inputs(group=3, seed=2, lengths=(1000,), heavy_blocks=2, strength=3.0)
+  used = np.asarray(held_to_oracle(x, config, "xla", jnp.float32))
+  stop_chunk = -(-used // config.chunk_blocks) - 1
+  assert (stop_chunk % 8 != 7).any()  # some head stopped inside a wide iteration of 8 chunks
+  # and the run of boundaries at which the rule held, which stopped it, began in the iteration before
+  assert (stop_chunk % 8 < config.patience - 1).any()
