@@ -212,10 +212,16 @@ class Decoder(nnx.Module):
     if tau is None:
       tau = jnp.full((b,), getattr(attention.config, "tau", 1.0), jnp.float32)
 
-    def write_and_attend(gather_rows, kv, q, k, v, table, positions, writes, tau):
+    dense_layers = getattr(attention, "dense_layers", 0)
+
+    def write_and_attend(gather_rows, kv, q, k, v, table, positions, writes, tau, layer):
       k_all, v_all, table_all, pos_all, writes_all = gather_rows((k, v, table, positions, writes))
       kv = write_tokens(kv, k_all[:, None], v_all[:, None], table_all, pos_all, writes_all)
-      out, used = attention(q, kv.k, kv.v, table, positions + 1, kv.summaries, tau)
+      args = (q, kv.k, kv.v, table, positions + 1, kv.summaries, tau)
+      if dense_layers:  # the first layers attend densely (their attention is the most diffuse)
+        out, used = jax.lax.cond(layer < dense_layers, lambda a: attention.dense()(*a), lambda a: attention(*a), args)
+      else:
+        out, used = attention(*args)
       return kv, out, used
 
     attend = parallel.decode_attention(write_and_attend, mesh)
@@ -240,7 +246,7 @@ class Decoder(nnx.Module):
       x, kv = carry
       i, w, table = xs
       q, k, v = with_weights(project, i, w, x)
-      kv, out, used = attend(kv, q, k, v, table, positions, writes, tau)
+      kv, out, used = attend(kv, q, k, v, table, positions, writes, tau, i)
       return (with_weights(finish, i, w, x, out), kv), used
 
     (x, kv), used = jax.lax.scan(layer, (x, kv), (jnp.arange(c.num_layers), weights, block_tables))
