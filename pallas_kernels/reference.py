@@ -155,6 +155,7 @@ def attend_in_order(logits, token_ok, v, vmean, lengths, plan: VisitPlan, tau, *
     last = jnp.clip((used + c - 1) // c - 1, 0, n_chunks - 1)[:, :, None, None]  # [B, H, 1, 1]
     pick = lambda x: jnp.take_along_axis(x, jnp.broadcast_to(last, (*x.shape[:3], 1)), 3)[..., 0]
     tail_last = jnp.where((used > 0)[:, :, None], pick(jnp.broadcast_to(tail, gathered.shape)), 0.0)
-    v_last = jnp.take_along_axis(v_tail, jnp.broadcast_to(last[..., None], (b, h, 1, 1, v_tail.shape[-1])), 3)[:, :, :, 0]
+    v_last = jnp.take_along_axis(v_tail, jnp.broadcast_to(last[..., None], (b, h, 1, 1, v_tail.shape[-1])), 3)
+    v_last = v_last[:, :, :, 0]
     out = jnp.where(den > 0, stopping.compensate(out, den[..., 0], tail_last, v_last), out)
   return out, used.astype(jnp.int32)

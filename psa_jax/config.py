@@ -72,10 +72,11 @@ class PSAConfig:
 
   Blocks are visited in descending estimated criticality, `chunk_blocks` per iteration; the loop stops once
   the stopping rule (`estimator`, see pallas_kernels/stopping.py) holds for every query head of the KV group at
-  `patience` consecutive chunk boundaries, or after `max_blocks` blocks (None: no cap). Sink and local blocks are always visited first (within the cap), and then
-  at least `min_blocks` more before the loop may stop (a top-k floor under the progressive rule).
+  `patience` consecutive chunk boundaries, or after `max_blocks` blocks (None: no cap). Sink and local blocks are
+  always visited first (within the cap), and then at least `min_blocks` more before the loop may stop (a top-k
+  floor under the progressive rule).
 
-  estimator: how the mass not yet visited is estimated.
+  estimator: the stopping rule.
     "score_mass": from the block scores, sum over unvisited blocks of n_tokens * exp(score).
     "last_chunk": the mean mass per block of the chunk just visited, times the blocks left. Blocks come in
       descending criticality, so the last chunk is an upper estimate of what each remaining block holds.
@@ -92,17 +93,19 @@ class PSAConfig:
   tau = 1.0 visits every block and equals dense attention (with or without compensation: nothing is left).
   """
 
-  tau: float = 0.95
+  # Defaults chosen by the quality study (BENCHMARKS.md): on the default model the hybrid order with the
+  # value-aware rule and a patience of two chunks reads the fewest blocks for a given KL to dense; tau 0.8 matches
+  # Quest top-k at k = 128 on KL with ~40% fewer blocks at 4K. Tail compensation with the last-chunk tail
+  # estimate (an overestimate) made KL worse at every budget, so it is off.
+  tau: float = 0.8
   max_blocks: int | None = None
   min_blocks: int = 0
   sink_blocks: int = 1
   local_blocks: int = 1
   chunk_blocks: int = 4
-  # Defaults chosen by the fidelity study (BENCHMARKS.md, study 2): Quest's min/max order with the last-chunk
-  # estimator reached every error target with the fewest blocks; mean order with score_mass was the worst.
-  score: ScoreKind = "minmax"
-  estimator: Estimator = "last_chunk"
-  patience: int = 1
+  score: ScoreKind = "hybrid"
+  estimator: Estimator = "value"
+  patience: int = 2
   compensate: bool = False
 
   def __post_init__(self):

@@ -20,7 +20,9 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _NAME = flags.DEFINE_string("served_model_name", None, "Model id reported by /v1/models (default: from --model).")
 _ATTENTION = flags.DEFINE_enum("attention", "psa", ["dense", "topk", "psa"], "Decode attention.")
-_TAU = flags.DEFINE_float("psa_tau", PSAConfig.tau, "PSA threshold: the unread KV blocks may move the attention output by at most 1 - tau of its norm (estimated); 1.0 is dense.")
+_TAU = flags.DEFINE_float("psa_tau", PSAConfig.tau, "PSA threshold: the unread KV blocks may move the attention "
+                          "output by at most 1 - tau of its norm (estimated); 1.0 is dense.")
+_DENSE_LAYERS = flags.DEFINE_integer("dense_layers", 0, "The first this many layers attend densely (any attention).")
 _TOPK = flags.DEFINE_integer("topk_blocks", 32, "Top-k budget in blocks, besides the sink and local blocks.")
 _BLOCK = flags.DEFINE_integer("block_size", 16, "KV block (page) size in tokens.")
 _KV_MEMORY = flags.DEFINE_string("kv_memory", "auto", "KV arena size: bytes ('2GiB'), a share of device memory "
@@ -77,7 +79,8 @@ def main(argv):
     model = quantize_int8(model)
   try:
     config = EngineConfig(
-        attention=_ATTENTION.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, block_size=_BLOCK.value,
+        attention=_ATTENTION.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, dense_layers=_DENSE_LAYERS.value,
+        block_size=_BLOCK.value,
         kv_memory=kv_memory, max_batch=_MAX_BATCH.value,
         max_context=_MAX_CONTEXT.value or model.config.max_context, decode_window=_WINDOW.value,
         prefill_chunk=_PREFILL_CHUNK.value, mesh=_MESH.value, kv_dtype=_KV_DTYPE.value,

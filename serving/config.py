@@ -40,7 +40,8 @@ LAYER_WEIGHTS = ("auto", "stacked", "split")
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-  """attention: default backend kind ("dense", "topk", "psa"); psa_tau, topk_blocks: their defaults.
+  """attention: default backend kind ("dense", "topk", "psa"); psa_tau, topk_blocks: their defaults;
+  dense_layers: the model's first layers attend densely whatever the kind.
   kv_memory: the arena's size, "2GiB", "512MB", a byte count, or a share of device memory such as "0.5".
   max_batch: sequences decoding together. max_context: longest prompt + output.
   decode_window: decode steps run on device between host reads.
@@ -59,6 +60,7 @@ class EngineConfig:
   attention: str = "psa"
   psa_tau: float = PSAConfig.tau
   topk_blocks: int = 32
+  dense_layers: int = 0
   block_size: int = 16
   kv_memory: str = "0.25"
   max_batch: int = 8
@@ -75,6 +77,8 @@ class EngineConfig:
       raise ValueError(f"attention must be one of {tuple(KINDS)}, got {self.attention!r}")
     if not 0.0 < self.psa_tau <= 1.0:
       raise ValueError(f"psa_tau must be in (0, 1], got {self.psa_tau}")
+    if self.dense_layers < 0:
+      raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
     for name in ("topk_blocks", "block_size", "max_batch", "max_context", "decode_window", "prefill_chunk"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -114,8 +114,8 @@ class Engine:
     self._layers = model.split_layers() if split else None  # see models/llama.py
     self._backends = {
         "dense": AttentionBackend("dense", DenseConfig(), config.impl),
-        "topk": AttentionBackend("topk", TopKConfig(k_blocks=config.topk_blocks), config.impl),
-        "psa": AttentionBackend("psa", PSAConfig(tau=config.psa_tau), config.impl),
+        "topk": AttentionBackend("topk", TopKConfig(k_blocks=config.topk_blocks), config.impl, config.dense_layers),
+        "psa": AttentionBackend("psa", PSAConfig(tau=config.psa_tau), config.impl, config.dense_layers),
     }
     self._ids = itertools.count()
     self._lock = threading.Lock()

@@ -194,9 +194,9 @@ def test_memory_budget_spellings():
 
 def test_arena_from_budget_counts_pages_of_all_layers():
   arena = KVArena.from_budget(TINY, "1MiB", block_size=16, dtype=jnp.float32)
-  assert arena.num_pages == 2**20 // (2 * 16 * (2 * 16 + 3) * 4)
+  assert arena.num_pages == 2**20 // (2 * 16 * (2 * 16 + 4) * 4)  # K and V tiles and four summary rows
   packed = KVArena.from_budget(TINY, "1MiB", block_size=16, dtype=jnp.uint16)  # bfloat16 bits
-  assert packed.num_pages == 2**20 // (2 * 16 * (2 * 16 + 3) * 2)
+  assert packed.num_pages == 2**20 // (2 * 16 * (2 * 16 + 4) * 2)
   arena.ensure(0, 33)  # 3 blocks in each of 2 layers
   assert arena.used_pages == 6
   tables = arena.block_tables([0, None], 4)
@@ -325,3 +325,26 @@ def test_int8_matmul_is_close_to_float_and_each_row_ignores_the_others(rows):
   np.testing.assert_array_equal(got, alone)
   # The tied head contracts the other axis of a [N, K] matrix.
   np.testing.assert_array_equal(int8_matmul(h, wq.T, scale, contract=1), got)
+
+
+@pytest.mark.parametrize("kind,knob", [("topk", {"k_blocks": 0}), ("psa", {"tau": 0.3, "chunk_blocks": 1})])
+def test_dense_layers_attend_densely_and_the_rest_stay_sparse(model, kind, knob):
+  n_tokens, block = 300, 16
+  width = -(-n_tokens // block) + 1
+  tables = jnp.arange(TINY.num_layers * width, dtype=jnp.int32).reshape(TINY.num_layers, 1, width)
+  kv = PagedKV.zeros(TINY.num_kv_heads, TINY.num_layers * width, block, TINY.head_dim, jnp.float32)
+  tokens = jnp.asarray([prompts(1, seed=9, lo=n_tokens, hi=n_tokens)[0]], jnp.int32)
+  _, kv = model.prefill(tokens, jnp.zeros(1, jnp.int32), jnp.array([n_tokens]), kv, tables)
+
+  def decode(attention):
+    logits, _, used = model.decode(jnp.array([5]), jnp.array([n_tokens]), kv, tables, attention)
+    return np.asarray(logits), np.asarray(used)  # used [L, B, H]
+
+  dense_logits, _ = decode(AttentionBackend.named("dense"))
+  every_layer = AttentionBackend.named(kind, dense_layers=TINY.num_layers, **knob)
+  np.testing.assert_allclose(decode(every_layer)[0], dense_logits, rtol=1e-5, atol=1e-5)
+  _, used = decode(AttentionBackend.named(kind, dense_layers=1, **knob))
+  n_blocks = -(-(n_tokens + 1) // block)
+  assert (used[0] == n_blocks).all() and (used[1] < n_blocks).all()
+  _, used = decode(AttentionBackend.named(kind, **knob))
+  assert (used < n_blocks).all()
