@@ -45,6 +45,9 @@ _PPL_CONTEXT = flags.DEFINE_integer("ppl_context", 4096, "Tokens of prose for th
 _DOCUMENTS = flags.DEFINE_list("documents", [], "Text files to score (quality; default: Python stdlib texts).")
 _POSITIONS = flags.DEFINE_integer("positions", 256, "Scored positions per document and context (quality).")
 _FULL = flags.DEFINE_bool("full", False, "Finer budget grid (quality; takes longer).")
+_QUALITY_TAUS = flags.DEFINE_list("quality_taus", None, "PSA thresholds of the PSA curves (quality; default grid).")
+_QUALITY_KS = flags.DEFINE_list("quality_ks", None, "Top-k budgets of the top-k curves (quality; default grid).")
+_CURVES = flags.DEFINE_list("curves", list(quality.FAMILIES), "Which method curves to score (quality).")
 _DENSE_LAYERS = flags.DEFINE_integer("dense_layers", 0, "Layers below this index attend densely (quality).")
 _QUESTIONS = flags.DEFINE_integer("needle_questions", 24, "Questions per needle task and context (quality).")
 _NEEDLE_TASKS = flags.DEFINE_list("needle_tasks", list(quality.NEEDLE_TASKS), "Needle tasks (quality).")
@@ -88,7 +91,10 @@ def main(argv):
   elif _STUDY.value == "quality":
     config = quality.QualityConfig(
         model=_MODEL.value, documents=tuple(_DOCUMENTS.value), contexts=contexts or quality.QualityConfig.contexts,
-        positions=_POSITIONS.value, methods=quality.default_methods(_FULL.value), dense_layers=_DENSE_LAYERS.value,
+        positions=_POSITIONS.value, dense_layers=_DENSE_LAYERS.value,
+        methods=quality.default_methods(
+            _FULL.value, taus=tuple(float(t) for t in _QUALITY_TAUS.value) if _QUALITY_TAUS.value else None,
+            ks=tuple(int(k) for k in _QUALITY_KS.value) if _QUALITY_KS.value else None, families=tuple(_CURVES.value)),
         needle_tasks=tuple(_NEEDLE_TASKS.value), needle_questions=_QUESTIONS.value)
     quality.run(config, out)
   elif _STUDY.value == "sharding":
