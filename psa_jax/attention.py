@@ -228,8 +228,9 @@ def psa_attention(
     summaries: BlockSummaries, config: PSAConfig = PSAConfig(), *, tau: jax.Array | float | None = None,
     impl: str = "auto", interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Progressive Sparse Attention (see DESIGN.md): blocks in descending estimated criticality, a chunk per
-  iteration, until the gathered mass reaches `tau` of the estimated total or `config.max_blocks`.
+  """Progressive Sparse Attention (docs/design.md): blocks in descending estimated criticality, a chunk per
+  iteration, until the stopping rule of `config.estimator` holds at `config.patience` chunk boundaries in a row
+  (by default: the unread blocks would move the output by at most 1 - tau of its norm) or `config.max_blocks`.
 
   tau: overrides config.tau; a scalar or [batch] (per-request thresholds), traced values allowed.
   Returns (out [batch, q_heads, head_dim], blocks_used [batch, kv_heads]).
