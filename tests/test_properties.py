@@ -22,7 +22,7 @@ WIDTH, POOL = 10, 33
     seed=st.integers(0, 10_000),
     lengths=st.lists(st.integers(1, 16 * WIDTH), min_size=3, max_size=3),
     max_blocks=st.one_of(st.none(), st.integers(0, 12)),
-    estimator=st.sampled_from(["score_mass", "last_chunk", "estimate"]),
+    estimator=st.sampled_from(["score_mass", "last_chunk", "estimate", "value"]),
     chunk_blocks=st.sampled_from([1, 2, 4]),
 )
 def test_error_bound_shrinks_as_tau_grows_and_budget_holds(seed, lengths, max_blocks, estimator, chunk_blocks):
@@ -41,7 +41,8 @@ def test_error_bound_shrinks_as_tau_grows_and_budget_holds(seed, lengths, max_bl
     if prev_used is not None:
       assert (used >= prev_used).all()  # a larger tau never stops earlier
     # The share of the true attention mass covered: never smaller for larger tau, and it bounds the error.
-    _, share = covered_share(x, config, tau)
+    oracle_used, share = covered_share(x, config, tau)
+    np.testing.assert_array_equal(used, oracle_used)
     if prev_share is not None:
       assert (share >= prev_share - 1e-6).all()
     err = np.abs(np.asarray(out) - dense).max(-1)
@@ -62,9 +63,10 @@ def covered_share(x, config, tau):
   plan = selection.plan_visits(scores, x.lengths, group=hq // h, block_size=16, sink_blocks=config.sink_blocks,
                                local_blocks=config.local_blocks, budget=config.max_blocks,
                                budget_counts_forced=True)
-  _, used = reference.ordered_attention_reference(
+  _, used = reference.ordered_attention_reference(  # the blocks psa_attention reads (tested in test_attention)
       qg, x.k_pages, x.v_pages, x.block_table, x.lengths, plan, jnp.full((b,), tau),
-      chunk_blocks=config.chunk_blocks, sm_scale=d ** -0.5, estimator=config.estimator)
+      chunk_blocks=config.chunk_blocks, sm_scale=d ** -0.5, estimator=config.estimator, summaries=x.summaries,
+      patience=config.patience, compensate=config.compensate)
   logits, token_ok, _ = reference._all_logits(qg, x.k_pages, x.block_table, x.lengths, d ** -0.5)
   ok = np.asarray(token_ok)[:, None, None]
   logits = np.where(ok, np.asarray(logits), -np.inf)
