@@ -401,7 +401,7 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
       keep = (jnp.repeat(sub, c * s) <= last)[:, None]
       # p.T @ v as a plain [Gp, rows] x [rows, D] matmul of an explicitly transposed p (a few KiB). Written as a
       # contraction over p's first axis, XLA:CPU chose a slower dot; the barrier keeps it from folding the
-      # transpose back in (PSA -6%, dense -8% at 8K, batch 1, measured in session 4).
+      # transpose back in (PSA -6%, dense -8% per token at 8K, batch 1, in the e2e study).
       p_t = lax.optimization_barrier(jnp.where(keep, p, 0.0).astype(v.dtype).T)
       pv = jnp.dot(p_t, v, preferred_element_type=jnp.float32, precision=precision)  # [Gp, D]
       o_new = o * correction[:, None] + pv
