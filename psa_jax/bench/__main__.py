@@ -47,7 +47,8 @@ _POSITIONS = flags.DEFINE_integer("positions", 256, "Scored positions per docume
 _FULL = flags.DEFINE_bool("full", False, "Finer budget grid (quality; takes longer).")
 _QUALITY_TAUS = flags.DEFINE_list("quality_taus", None, "PSA thresholds of the PSA curves (quality; default grid).")
 _QUALITY_KS = flags.DEFINE_list("quality_ks", None, "Top-k budgets of the top-k curves (quality; default grid).")
-_CURVES = flags.DEFINE_list("curves", list(quality.FAMILIES), "Which method curves to score (quality).")
+_CURVES = flags.DEFINE_list("curves", list(quality.DEFAULT_FAMILIES),
+                            f"Which method curves to score (quality), of {', '.join(quality.FAMILIES)}.")
 _DENSE_LAYERS = flags.DEFINE_integer("dense_layers", 0, "Layers below this index attend densely (quality).")
 _QUESTIONS = flags.DEFINE_integer("needle_questions", 24, "Questions per needle task and context (quality).")
 _NEEDLE_TASKS = flags.DEFINE_list("needle_tasks", list(quality.NEEDLE_TASKS), "Needle tasks (quality).")

@@ -74,13 +74,16 @@ class Method:
   oracle_order: bool = False
 
 
-FAMILIES = ("topk", "topk_hybrid", "psa", "psa_coverage", "psa_oracle_order", "topk_oracle_order")
+FAMILIES = ("topk", "topk_hybrid", "psa", "psa_coverage", "psa_oracle_order", "topk_oracle_order",
+            "psa_compensated")
+DEFAULT_FAMILIES = FAMILIES[:-1]  # the compensated curve is an option on request (--curves)
 
 
 def default_methods(full: bool = False, *, taus: tuple[float, ...] | None = None, ks: tuple[int, ...] | None = None,
-                    families: tuple[str, ...] = FAMILIES) -> tuple[Method, ...]:
+                    families: tuple[str, ...] = DEFAULT_FAMILIES) -> tuple[Method, ...]:
   """The curves: Quest top-k (the reference), top-k on the hybrid order (as well ordered as PSA), PSA with its
-  defaults, PSA with the coverage rule it replaced, and both with the oracle order. `taus` / `ks` replace the
+  defaults, PSA with the coverage rule it replaced, both with the oracle order, and (on request) PSA with tail
+  compensation. `taus` / `ks` replace the
   grids of the PSA / top-k curves; `families` picks curves."""
   ks = ks or ((8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if full else (16, 32, 48, 64, 96, 128, 192, 256))
   taus = taus or ((0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98) if full
@@ -98,6 +101,8 @@ def default_methods(full: bool = False, *, taus: tuple[float, ...] | None = None
       "psa_oracle_order": [Method("psa_oracle_order", t, "psa", dataclasses.replace(psa, tau=t), True)
                            for t in (0.5, 0.8)],
       "topk_oracle_order": [Method("topk_oracle_order", k, "topk", TopKConfig(k_blocks=k), True) for k in (64, 128)],
+      "psa_compensated": [Method("psa_compensated", t, "psa", dataclasses.replace(psa, tau=t, compensate=True))
+                          for t in taus],
   }
   return tuple(m for family in families for m in curves[family])
 
