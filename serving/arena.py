@@ -3,6 +3,10 @@
 The device side is a `PagedKV` (pages + block summaries). The host side is a free list and, per sequence, the
 pages it holds for each layer. Pages move between the free list and sequences only between decode windows;
 block tables are rebuilt from the host lists and uploaded as small int arrays.
+
+Sequences forked from one another share the pages their common prefix fills (a reference count per page):
+nothing ever writes into a full page again, so only the page still being filled is copied. Sixteen samples of
+a 128K-token prompt hold one copy of its KV, not sixteen.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class KVArena:
     if mesh is not None:  # split by KV head (models/parallel.py)
       self.kv = parallel.shard_kv(self.kv, mesh)
     self._free = list(range(num_pages - 1, -1, -1))  # a stack: recently freed pages are reused first
+    self._refs = np.zeros(num_pages, np.int32)  # sequences holding each page
     self._pages: dict[int, list[list[int]]] = {}  # sequence id -> per layer, its pages in logical order
 
   @classmethod
@@ -94,20 +99,45 @@ class KVArena:
     per_layer = need // self.config.num_layers
     for layer_pages in pages:
       for _ in range(per_layer):
-        layer_pages.append(self._free.pop())
+        page = self._free.pop()
+        self._refs[page] = 1
+        layer_pages.append(page)
 
   def copy_sequence(self, src: int, dst: int) -> None:
-    """Gives `dst` its own pages holding a copy of `src`'s KV (and summaries), e.g. for parallel samples of one
-    prompt. Raises ArenaFull if the pages are not there."""
+    """Gives `dst` its own pages holding a copy of `src`'s KV (and summaries). Raises ArenaFull if the pages are
+    not there."""
+    self.share_sequence(src, dst, written=0)
+
+  def share_sequence(self, src: int, dst: int, written: int) -> None:
+    """Gives `dst` the KV of `src`: the first `written // block_size` blocks (full, never written again) are
+    shared, the rest of `src`'s pages are copied into pages of `dst`'s own. Raises ArenaFull, allocating
+    nothing, if the copies do not fit."""
+    if dst in self._pages:
+      raise ValueError(f"sequence {dst} already holds pages")
     blocks = self.blocks(src)
-    self.ensure(dst, blocks * self.block_size)
-    src_pages = np.asarray(self._pages[src]).reshape(-1)
-    dst_pages = np.asarray(self._pages[dst])[:, :blocks].reshape(-1)
-    self.kv = _copy_pages(self.kv, jnp.asarray(src_pages), jnp.asarray(dst_pages))
+    shared = min(blocks, max(0, written) // self.block_size)
+    copied = (blocks - shared) * self.config.num_layers
+    if copied > len(self._free):
+      raise ArenaFull(f"sequence {dst} needs {copied} pages, {len(self._free)} free")
+    src_layers = self._pages.get(src, [[] for _ in range(self.config.num_layers)])
+    dst_layers = []
+    for layer_pages in src_layers:
+      own = [self._free.pop() for _ in range(blocks - shared)]
+      self._refs[own] = 1
+      self._refs[layer_pages[:shared]] += 1
+      dst_layers.append(layer_pages[:shared] + own)
+    self._pages[dst] = dst_layers
+    if blocks > shared:
+      src_pages = np.asarray([p[shared:] for p in src_layers]).reshape(-1)
+      dst_pages = np.asarray([p[shared:] for p in dst_layers]).reshape(-1)
+      self.kv = _copy_pages(self.kv, jnp.asarray(src_pages), jnp.asarray(dst_pages))
 
   def release(self, seq_id: int) -> None:
     for layer_pages in self._pages.pop(seq_id, []):
-      self._free.extend(reversed(layer_pages))
+      for page in reversed(layer_pages):
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+          self._free.append(page)
 
   def block_tables(self, seq_ids: list[int | None], width: int) -> np.ndarray:
     """[layers, len(seq_ids), width] int32; None rows (batch padding) and unused columns hold page 0."""
@@ -118,8 +148,16 @@ class KVArena:
     return tables
 
   def check_whole(self) -> None:
-    """Every page is free or owned by exactly one sequence (the invariant tests check)."""
-    owned = [p for pages in self._pages.values() for layer in pages for p in layer]
-    everything = sorted(owned + self._free)
-    if everything != list(range(self.num_pages)):
-      raise AssertionError(f"arena pages lost or duplicated: {len(everything)} accounted for of {self.num_pages}")
+    """Every page is free or held, and its reference count is the number of sequences holding it (the
+    invariant tests check)."""
+    held = np.zeros(self.num_pages, np.int32)
+    for pages in self._pages.values():
+      for layer in pages:
+        np.add.at(held, np.asarray(layer, np.int64), 1)
+    free = np.zeros(self.num_pages, np.int32)
+    np.add.at(free, np.asarray(self._free, np.int64), 1)
+    if np.any(free > 1) or np.any((free == 1) & (held > 0)) or np.any((free == 0) & (held == 0)):
+      raise AssertionError(f"arena pages lost or duplicated: {int(np.sum(free))} free, "
+                           f"{int(np.sum(held > 0))} held, of {self.num_pages}")
+    if not np.array_equal(held, self._refs):
+      raise AssertionError("arena reference counts disagree with the sequences holding the pages")

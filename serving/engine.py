@@ -188,8 +188,9 @@ class Engine:
 
   def fork(self, request: Request, count: int, params: SamplingParams | None = None, *,
            attention: str | None = None, tau: float | None = None) -> list[Request]:
-    """`count` new running requests that continue from `request`'s current state with their own copy of its
-    KV pages (parallel samples of one prompt without prefilling it again)."""
+    """`count` new running requests that continue from `request`'s current state (parallel samples of one prompt
+    without prefilling it again). They share the pages `request`'s context has filled and copy only the page
+    still being filled (KVArena.share_sequence)."""
     if request.state not in (RUNNING, HELD):
       raise ValueError("only a running or held request can be forked")
     if attention is not None and attention not in self._backends:
@@ -201,7 +202,8 @@ class Engine:
           attention=attention or request.attention, tau=request.tau if tau is None else tau,
           output=list(request.output), done=threading.Event(), arrival=time.monotonic(),
           first_token_at=time.monotonic())
-      self.arena.copy_sequence(request.id, child.id)
+      # Every token but the last sampled one is in the arena: those blocks are never written again.
+      self.arena.share_sequence(request.id, child.id, written=len(request.context) - 1)
       self.running.append(child)
       self._admitted_order.append(child.id)
       self.counters["requests"] += 1

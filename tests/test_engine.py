@@ -16,7 +16,7 @@ from models.kv_pages import PagedKV
 from models.llama import Decoder
 from psa_jax import AttentionBackend
 from serving import steps
-from serving.arena import KVArena
+from serving.arena import ArenaFull, KVArena
 from serving.config import EngineConfig, SamplingParams, parse_memory
 from serving.engine import Engine
 
@@ -203,6 +203,35 @@ def test_arena_from_budget_counts_pages_of_all_layers():
   assert tables.shape == (2, 2, 4) and len(set(tables[:, 0, :3].ravel())) == 6
 
 
+def test_shared_pages_are_freed_when_their_last_holder_releases_them():
+  arena = KVArena(TINY, num_pages=16, block_size=16, dtype=jnp.float32)
+  arena.ensure(0, 40)  # 3 blocks in each of 2 layers
+  arena.share_sequence(0, 1, written=40)  # blocks 0-1 shared, block 2 copied
+  tables = arena.block_tables([0, 1], 3)
+  assert (tables[:, 0, :2] == tables[:, 1, :2]).all() and not (tables[:, 0, 2] == tables[:, 1, 2]).any()
+  assert arena.used_pages == 8
+  arena.check_whole()
+  arena.release(0)
+  assert arena.used_pages == 6  # the child still holds the shared blocks
+  arena.check_whole()
+  with pytest.raises(ArenaFull):
+    arena.share_sequence(1, 2, written=0)  # a full copy needs 6 free pages, 10 are free...
+    arena.share_sequence(1, 3, written=0)  # ...but not 12
+  arena.release(1)
+  arena.release(2)
+  assert arena.used_pages == 0
+  arena.check_whole()
+
+
+def test_a_failed_share_allocates_nothing():
+  arena = KVArena(TINY, num_pages=8, block_size=16, dtype=jnp.float32)
+  arena.ensure(0, 64)  # 4 blocks x 2 layers: the whole arena
+  with pytest.raises(ArenaFull):
+    arena.share_sequence(0, 1, written=50)  # 3 blocks shared, 1 to copy per layer, nothing free
+  assert arena.used_pages == 8 and arena.blocks(1) == 0
+  arena.check_whole()
+
+
 def compiled_window_text(eng, model, attention="psa"):
   """The optimized HLO of the engine's decode window for a batch of 2 and a 4-block table."""
   graphdef, state = nnx.split(model)
@@ -269,7 +298,12 @@ def test_forked_requests_continue_exactly_like_their_parent(model):
   while base.state != "running":
     eng.step()
   eng.hold(base)
+  held = eng.arena.used_pages
   children = eng.fork(base, 3, SamplingParams(max_tokens=len(base.output) + 20, stop_token_ids=()))
+  # The forks share the parent's full blocks and copy only the block still being filled.
+  full_blocks = (len(base.context) - 1) // 16
+  assert eng.arena.used_pages == held + 3 * (held - full_blocks * TINY.num_layers)
+  eng.arena.check_whole()
   eng.run_until_idle()
   expected = generate(model, base.prompt, max_new_tokens=len(base.output) + 20, stop_ids=())
   assert all(c.output == expected for c in children)
