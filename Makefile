@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,peers
 
-.PHONY: setup test serve gpu-check bench-peers clean
+.PHONY: setup test serve gpu-check gpu-wheels bench-peers clean
 
 setup: $(VENV)/.installed-$(EXTRAS)
 
@@ -27,8 +27,29 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=O
 bench-peers: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-binary llama-cpp-python 'llama-cpp-python==0.3.36'
 
-gpu-check: setup
-	$(PY) scripts/gpu_check.py $(ARGS)
+# The GPU check (scripts/gpu_check.py). On the lent GPU machine there is no .venv: its python3 has jax, flax and
+# torch, and what it lacks travels as wheels from `make gpu-wheels` (carry .gpu-wheels), installed here with
+# pip --no-index into /tmp/psa_site. Elsewhere it runs in .venv: `make gpu-check ARGS=--smoke`.
+WHEELS ?= .gpu-wheels
+GPU_SITE ?= /tmp/psa_site
+gpu-check:
+	@if [ -x $(PY) ]; then \
+	  $(PY) scripts/gpu_check.py $(ARGS); \
+	else \
+	  if [ -d $(WHEELS) ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+	    --upgrade --target $(GPU_SITE) $(WHEELS)/*.whl || exit 1; fi; \
+	  PYTHONPATH=$(GPU_SITE):$$PYTHONPATH python3 scripts/gpu_check.py $(ARGS); \
+	fi
+
+# Wheels of what the GPU machine (Python 3.12, x86-64, no network) lacks: the GGUF reader and the HTTP server,
+# at the versions this project is tested with here.
+GPU_WHEEL_PLATFORMS := $(foreach n,2_28 2_27 2_17 2014 1,--platform manylinux$(if $(findstring _,$(n)),_$(n),$(n))_x86_64)
+gpu-wheels: setup
+	rm -rf $(WHEELS)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(GPU_WHEEL_PLATFORMS) -d $(WHEELS) \
+	  $$($(PY) -m pip freeze | grep -iE '^(gguf|fastapi|starlette|pydantic|pydantic[-_]core|uvicorn|annotated[-_]types|annotated[-_]doc|typing[-_]inspection|sniffio)==')
+	ls $(WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
