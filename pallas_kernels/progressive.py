@@ -99,6 +99,7 @@ def progressive_loop(
     estimator: str | None,  # None: no early stop (dense, top-k)
     patience: int = 1,  # chunk boundaries in a row at which the rule must hold (PSAConfig.patience)
     compensate: bool = False,  # fold the unread blocks' estimate into the output (PSAConfig.compensate)
+    tail: str = "last_chunk",  # the unread-mass estimate of "value" and compensation (PSAConfig.tail)
 ) -> tuple[jax.Array, jax.Array]:
   """Returns the normalized output [Gp, D] (float32) and the number of blocks visited []."""
   gp, d = q.shape
@@ -140,7 +141,12 @@ def progressive_loop(
       ntok = jnp.where(in_budget, _block_tokens(logical, length, s), 0.0)  # [C]
       extra_new["v_read"] = extra["v_read"] + jnp.sum(_weighted_rows(ntok, load_vmean(pages)), axis=0)
       extra_new["n_read"] = extra["n_read"] + jnp.sum(ntok)
-      extra_new["tail"] = tail = stopping.tail_mass(chunk_mass, blocks_in_chunk, blocks_left)  # [Gp]
+      tail_log_rem = {}
+      if tail != "last_chunk":
+        tail_log_rem = dict(log_rem_begin=load_log_remaining(jnp.minimum(start, num_order_slots - 1)),
+                            log_rem_end=load_log_remaining(jnp.minimum(visited, num_order_slots - 1)))
+      extra_new["tail"] = unread = stopping.unread_mass(tail, chunk_mass, blocks_in_chunk, blocks_left, tau=tau,
+                                                        **tail_log_rem)  # [Gp]
     if estimator is not None:
       if estimator == "score_mass":
         log_rem = load_log_remaining(jnp.minimum(visited, num_order_slots - 1))
@@ -151,7 +157,7 @@ def progressive_loop(
       elif estimator == "value":
         o_now = o_new / jnp.where(l_new > 0, l_new, 1.0)[:, None]
         v_tail = stopping.tail_value(v_total, n_total, extra_new["v_read"], extra_new["n_read"])
-        rule_inputs = dict(change=stopping.relative_change(l_new, tail, o_now, v_tail))
+        rule_inputs = dict(change=stopping.relative_change(l_new, unread, o_now, v_tail))
       else:
         rule_inputs = {}
       enough = stopping.enough(estimator, tau, gathered=l_new, chunk_mass=chunk_mass,
@@ -229,7 +235,7 @@ def progressive_attention_pallas(
     v_pages: jax.Array,  # [H, P, S, D]
     block_table: jax.Array,  # [B, M]
     order: jax.Array | None,  # [B, H, M]; None: natural order
-    log_remaining: jax.Array | None,  # [B, H, Gp, M]; only for estimator "score_mass"
+    log_remaining: jax.Array | None,  # [B, H, Gp, M]; when stopping.needs_log_remaining
     info: jax.Array,  # [B, INFO_WIDTH] int32: length, limit, n_forced
     tau: jax.Array,  # [B] float32
     *,
@@ -241,6 +247,7 @@ def progressive_attention_pallas(
     vmean: jax.Array | None = None,  # [H, P, D] value summaries; needed when stopping.needs_values
     patience: int = 1,
     compensate: bool = False,
+    tail: str = "last_chunk",
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> tuple[jax.Array, jax.Array]:
@@ -257,7 +264,7 @@ def progressive_attention_pallas(
     vmean = None
   kernel = functools.partial(
       _kernel, group=group, block_size=s, chunk_blocks=chunk_blocks, num_order_slots=m,
-      sm_scale=sm_scale, estimator=estimator, patience=patience, compensate=compensate)
+      sm_scale=sm_scale, estimator=estimator, patience=patience, compensate=compensate, tail=tail)
   pages_spec = pl.BlockSpec((None, p, s, d), lambda i, j: (j, 0, 0, 0))
   in_specs = [
       pl.BlockSpec((None, None, gp, d), lambda i, j: (i, j, 0, 0)),
@@ -291,7 +298,8 @@ def progressive_attention_pallas(
 
 
 def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, log_rem, vmean, *, head, group,
-               block_size, chunk_blocks, chunks_per_step, sm_scale, estimator, patience=1, compensate=False):
+               block_size, chunk_blocks, chunks_per_step, sm_scale, estimator, patience=1, compensate=False,
+               tail="last_chunk"):
   """`progressive_loop` for the XLA path, `chunks_per_step` chunks per iteration.
 
   On a CPU each loop iteration has a fixed cost that dwarfs a 4-block chunk's arithmetic, so one iteration
@@ -360,7 +368,12 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
       weighted = _weighted_rows(ntok, _vmean_rows(vmean, pages, head)).reshape(g, c, d).sum(1)
       v_read = extra["v_read"] + jnp.cumsum(weighted, axis=0)  # [g, D]
       n_read = extra["n_read"] + jnp.cumsum(ntok.reshape(g, c).sum(1))  # [g]
-      tail = stopping.tail_mass(chunk_mass, blocks_in_chunk, blocks_left)  # [Gp, g]
+      tail_log_rem = {}
+      if tail != "last_chunk":
+        tail_log_rem = dict(log_rem_begin=log_rem[:, jnp.minimum(begins, m_slots - 1)],
+                            log_rem_end=log_rem[:, jnp.minimum(ends, m_slots - 1)])
+      unread = stopping.unread_mass(tail, chunk_mass, blocks_in_chunk, blocks_left, tau=tau,
+                                    **tail_log_rem)  # [Gp, g]
     if outputs_per_chunk:
       # p @ v chunk by chunk, then summed up to each boundary: the unnormalized output after each chunk. From an
       # explicitly transposed p, as below: contracted over p's first axis, XLA:CPU's batched dot made a loop with
@@ -379,7 +392,7 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
       elif estimator == "value":
         o_at = jnp.swapaxes(o_upto, 0, 1) / jnp.where(gathered > 0, gathered, 1.0)[..., None]  # [Gp, g, D]
         v_tail = stopping.tail_value(v_total, n_total, v_read, n_read)  # [g, D]
-        rule_inputs = dict(change=stopping.relative_change(gathered, tail, o_at, v_tail[None]))
+        rule_inputs = dict(change=stopping.relative_change(gathered, unread, o_at, v_tail[None]))
       else:
         rule_inputs = {}
       enough = stopping.enough(estimator, tau, gathered=gathered, chunk_mass=chunk_mass,
@@ -407,7 +420,7 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
       o_new = o * correction[:, None] + pv
     extra_new = {}
     if values:
-      extra_new.update(v_read=v_read[last], n_read=n_read[last], tail=tail[:, last])
+      extra_new.update(v_read=v_read[last], n_read=n_read[last], tail=unread[:, last])
     if streaks:
       extra_new["streak"] = run[last]
     return i + 1, o_new, m_new, gathered[:, last], ends[last], done, extra_new
@@ -430,7 +443,8 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
 
 def progressive_attention_xla(
     q, k_pages, v_pages, block_table, order, log_remaining, info, tau, *, group, chunk_blocks, sm_scale,
-    estimator, vmean=None, patience: int = 1, compensate: bool = False, chunks_per_step: int = 8,
+    estimator, vmean=None, patience: int = 1, compensate: bool = False, tail: str = "last_chunk",
+    chunks_per_step: int = 8,
     heads: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The same decisions as plain XLA ops: the CPU path. Same signature and results as
@@ -458,7 +472,7 @@ def progressive_attention_xla(
     return _wide_loop(q_b, info_b[LENGTH], info_b[LIMIT], info_b[N_FORCED], tau_b, order_b, table_b, k_pages,
                       v_pages, log_rem_b, vmean, head=head, group=group, block_size=s, chunk_blocks=chunk_blocks,
                       chunks_per_step=chunks_per_step, sm_scale=sm_scale, estimator=estimator, patience=patience,
-                      compensate=compensate)
+                      compensate=compensate, tail=tail)
 
   heads = tuple(range(h)) if heads is None else heads
   outs, used = zip(*(

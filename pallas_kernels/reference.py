@@ -50,7 +50,7 @@ def dense_reference(q, k_pages, v_pages, block_table, lengths, *, sm_scale):
 
 def ordered_attention_reference(
     q, k_pages, v_pages, block_table, lengths, plan: VisitPlan, tau, *, chunk_blocks, sm_scale, estimator,
-    summaries: BlockSummaries | None = None, patience: int = 1, compensate: bool = False,
+    summaries: BlockSummaries | None = None, patience: int = 1, compensate: bool = False, tail: str = "last_chunk",
 ):
   """Attention over the blocks the progressive loop visits under `plan`: ([B, H, G, D], blocks used [B, H]).
 
@@ -64,11 +64,11 @@ def ordered_attention_reference(
   if summaries is not None:
     vmean = jnp.moveaxis(unpack(summaries.vmean[:, pages]), 0, 1).astype(jnp.float32)  # [B, H, M, D]
   return attend_in_order(logits, token_ok, v, vmean, lengths, plan, tau, chunk_blocks=chunk_blocks,
-                         estimator=estimator, patience=patience, compensate=compensate)
+                         estimator=estimator, patience=patience, compensate=compensate, tail=tail)
 
 
 def attend_in_order(logits, token_ok, v, vmean, lengths, plan: VisitPlan, tau, *, chunk_blocks, estimator,
-                    patience=1, compensate=False):
+                    patience=1, compensate=False, tail="last_chunk"):
   """The oracle's core, on logits already computed.
 
   logits: [B, H, G, M, S] scaled logits of every token slot; token_ok: [B, M, S]; v: [B or 1, H, M, S, D] values;
@@ -105,7 +105,19 @@ def attend_in_order(logits, token_ok, v, vmean, lengths, plan: VisitPlan, tau, *
   chunk_mass = gathered - take(gathered_upto, jnp.broadcast_to(starts, (b, h, n_chunks)))
   blocks_in_chunk = (ends - starts)[:, :, None, :]  # [B, 1, 1, NC]
   blocks_left = n[:, None, None, None] - ends[:, :, None, :]
-  tail = stopping.tail_mass(chunk_mass, blocks_in_chunk, blocks_left)
+  log_rem_at = None
+  if stopping.needs_log_remaining(estimator, compensate, tail):
+    # From position i of the order on, for i = 0..M (M: nothing left).
+    log_rem = plan.log_remaining[..., :g, :]
+    log_rem = jnp.concatenate([log_rem, jnp.full((*log_rem.shape[:-1], 1), -jnp.inf, log_rem.dtype)], axis=-1)
+    log_rem_at = lambda idx: take(log_rem, jnp.broadcast_to(idx, (b, h, n_chunks)))  # [B, H, G, NC]
+  unread = None
+  if stopping.needs_values(estimator, compensate):
+    tail_log_rem = {}
+    if tail != "last_chunk":
+      tail_log_rem = dict(log_rem_begin=log_rem_at(starts), log_rem_end=log_rem_at(ends))
+    unread = stopping.unread_mass(tail, chunk_mass, blocks_in_chunk, blocks_left, tau=tau[:, None, None, None],
+                                  **tail_log_rem)
 
   o_at = v_tail = None
   position = jnp.argsort(plan.order, axis=-1)  # block id -> its place in the visit order
@@ -130,11 +142,10 @@ def attend_in_order(logits, token_ok, v, vmean, lengths, plan: VisitPlan, tau, *
     tau_ = tau[:, None, None, None]
     kwargs = {}
     if estimator in ("score_mass", "estimate"):
-      log_rem = plan.log_remaining[..., :g, :]
-      kwargs = dict(log_rem=take(log_rem, jnp.minimum(ends_bh, m - 1)), log_rem_first=log_rem[..., :1],
+      kwargs = dict(log_rem=log_rem_at(jnp.minimum(ends, m - 1)), log_rem_first=log_rem[..., :1],
                     log_gathered=jnp.log(gathered) + gmax[..., None])
     elif estimator == "value":
-      kwargs = dict(change=stopping.relative_change(gathered, tail, o_at, v_tail))
+      kwargs = dict(change=stopping.relative_change(gathered, unread, o_at, v_tail))
     enough = stopping.enough(estimator, tau_, gathered=gathered, chunk_mass=chunk_mass,
                              blocks_in_chunk=blocks_in_chunk, blocks_left=blocks_left, **kwargs)
     ok = (tau[:, None, None] < 1.0) & (ends >= plan.n_forced[:, None, None]) & jnp.all(enough, axis=2)
@@ -154,7 +165,7 @@ def attend_in_order(logits, token_ok, v, vmean, lengths, plan: VisitPlan, tau, *
     # The chunk the loop stopped after: its tail estimate (0 once every block is read, so tau = 1 stays exact).
     last = jnp.clip((used + c - 1) // c - 1, 0, n_chunks - 1)[:, :, None, None]  # [B, H, 1, 1]
     pick = lambda x: jnp.take_along_axis(x, jnp.broadcast_to(last, (*x.shape[:3], 1)), 3)[..., 0]
-    tail_last = jnp.where((used > 0)[:, :, None], pick(jnp.broadcast_to(tail, gathered.shape)), 0.0)
+    tail_last = jnp.where((used > 0)[:, :, None], pick(jnp.broadcast_to(unread, gathered.shape)), 0.0)
     v_last = jnp.take_along_axis(v_tail, jnp.broadcast_to(last[..., None], (b, h, 1, 1, v_tail.shape[-1])), 3)
     v_last = v_last[:, :, :, 0]
     out = jnp.where(den > 0, stopping.compensate(out, den[..., 0], tail_last, v_last), out)

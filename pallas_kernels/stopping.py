@@ -16,6 +16,20 @@ Estimators (PSAConfig.estimator):
                 (v_R: the unread tokens' mean value, from the value summaries; o: the output so far). Stop when
                 that is at most 1 - tau of |o|. A diffuse tail whose values average out costs little to skip, so
                 diffuse heads stop early; a tail that would pull the output away keeps the loop going.
+The unread mass R that "value" (and tail compensation) weigh comes from one of two tail estimates
+(PSAConfig.tail):
+  "last_chunk"  the last chunk's mass per block times the blocks left. Blocks come in descending criticality,
+                so this overestimates R, by far on a long context whose tail is many weak blocks: it keeps the
+                loop reading long after the output has settled.
+  "scores"      the last chunk's exact mass times the block scores' own ratio of the unread blocks' estimated
+                mass to the last chunk's: R = M_chunk * E_unread / E_chunk. The scores' absolute scale is off
+                (Quest's bound is an upper bound), but their ratios between blocks of one query are far better
+                than "every block left is as heavy as the last one".
+  "mixed"       the geometric mean of the two weighted by tau: R = R_scores^(1 - tau) * R_last_chunk^tau. tau
+                sets both the tolerance and how far the rule trusts the scores: a loose tolerance (low tau) goes
+                with the scores' estimate and reaches the smallest budgets, a tight one (tau near 1) with the
+                conservative bound, which misses fewer heavy blocks that the scores ranked low. On the quality
+                study it follows the better of the two at every budget.
 `patience` (PSAConfig) asks the rule to hold at that many consecutive chunk boundaries, so that one low-mass
 chunk (a misranked heavy block further on) or a heavy sink cannot end the loop by itself.
 """
@@ -26,6 +40,8 @@ import jax
 import jax.numpy as jnp
 
 ESTIMATORS = ("score_mass", "last_chunk", "estimate", "value")
+TAILS = ("last_chunk", "scores", "mixed")
+_TINY_MASS = 1e-30  # floor of a mass before its log ("mixed"); far below any mass the rule compares
 # Floor of |o| in the relative change: an output of norm ~0 moves by its absolute change.
 _NORM_FLOOR = 1e-6
 
@@ -34,6 +50,41 @@ def tail_mass(chunk_mass: jax.Array, blocks_in_chunk: jax.Array, blocks_left: ja
   """Estimated attention mass of the unread blocks: the last chunk's mass per block times the blocks left."""
   blocks_in_chunk = jnp.asarray(blocks_in_chunk, jnp.float32)
   return chunk_mass * jnp.asarray(blocks_left, jnp.float32) / jnp.maximum(blocks_in_chunk, 1.0)
+
+
+def scored_tail(chunk_mass: jax.Array, log_rem_begin: jax.Array, log_rem_end: jax.Array,
+                blocks_left: jax.Array) -> jax.Array:
+  """Estimated mass of the unread blocks from the scores: chunk_mass * E_unread / E_chunk.
+
+  log_rem_begin / log_rem_end: log of the scores' estimated mass from the chunk's first block on / from the first
+  unread block on (VisitPlan.log_remaining at those positions). E_chunk = exp(begin) - exp(end), so the ratio is
+  r / (1 - r) with r = exp(end - begin), capped where the chunk's own estimate vanishes. 0 when nothing is left.
+  """
+  diff = log_rem_end - log_rem_begin
+  r = jnp.exp(jnp.minimum(jnp.where(jnp.isnan(diff), -jnp.inf, diff), 0.0))  # -inf - -inf: nothing left
+  ratio = r / jnp.maximum(1.0 - r, 1e-6)
+  return jnp.where(jnp.asarray(blocks_left) > 0, chunk_mass * ratio, 0.0)
+
+
+def unread_mass(tail: str, chunk_mass, blocks_in_chunk, blocks_left, log_rem_begin=None, log_rem_end=None,
+                tau=None) -> jax.Array:
+  """The tail estimate R of PSAConfig.tail (see the module docstring); "mixed" needs `tau`."""
+  if tail == "last_chunk":
+    return tail_mass(chunk_mass, blocks_in_chunk, blocks_left)
+  if tail == "scores":
+    return scored_tail(chunk_mass, log_rem_begin, log_rem_end, blocks_left)
+  if tail == "mixed":
+    log = lambda x: jnp.log(jnp.maximum(x, _TINY_MASS))
+    t = jnp.asarray(tau, jnp.float32)
+    mixed = jnp.exp((1.0 - t) * log(scored_tail(chunk_mass, log_rem_begin, log_rem_end, blocks_left))
+                    + t * log(tail_mass(chunk_mass, blocks_in_chunk, blocks_left)))
+    return jnp.where(jnp.asarray(blocks_left) > 0, mixed, 0.0)
+  raise ValueError(f"unknown tail estimate {tail!r}")
+
+
+def needs_log_remaining(estimator: str | None, compensate_tail: bool, tail: str) -> bool:
+  """Whether the loop reads VisitPlan.log_remaining."""
+  return estimator in ("score_mass", "estimate") or (needs_values(estimator, compensate_tail) and tail != "last_chunk")
 
 
 def tail_weight(gathered: jax.Array, tail: jax.Array) -> jax.Array:

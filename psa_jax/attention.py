@@ -162,6 +162,7 @@ def _attend(qg, *, k_pages, v_pages, block_table, lengths, summaries, tau, kind,
   estimator = config.estimator if kind == "psa" else None
   patience = config.patience if kind == "psa" else 1
   compensate = config.compensate if kind == "psa" else False
+  tail = config.tail if kind == "psa" else "last_chunk"
 
   if impl == "reference":
     if plan is None:
@@ -170,7 +171,7 @@ def _attend(qg, *, k_pages, v_pages, block_table, lengths, summaries, tau, kind,
     else:
       out, used = reference.ordered_attention_reference(
           qg, k_pages, v_pages, block_table, lengths, plan, tau, chunk_blocks=chunk, sm_scale=sm_scale,
-          estimator=estimator, summaries=summaries, patience=patience, compensate=compensate)
+          estimator=estimator, summaries=summaries, patience=patience, compensate=compensate, tail=tail)
     return out, used
   n = selection.num_blocks(lengths, block_size)
   limit = n if plan is None else plan.limit
@@ -178,10 +179,10 @@ def _attend(qg, *, k_pages, v_pages, block_table, lengths, summaries, tau, kind,
   info = jnp.stack([lengths, limit, n_forced, jnp.zeros_like(n)], axis=1)
   args = (qg, k_pages, v_pages, block_table,
           None if plan is None else plan.order,
-          plan.log_remaining if estimator in ("score_mass", "estimate") else None,
+          plan.log_remaining if stopping.needs_log_remaining(estimator, compensate, tail) else None,
           info, tau)
   kwargs = dict(group=group, chunk_blocks=chunk, sm_scale=sm_scale, estimator=estimator, patience=patience,
-                compensate=compensate,
+                compensate=compensate, tail=tail,
                 vmean=summaries.vmean if stopping.needs_values(estimator, compensate) else None)
   if impl == "pallas":
     return progressive.progressive_attention_pallas(*args, interpret=interpret, **kwargs)

@@ -15,6 +15,8 @@ Impl = Literal["auto", "pallas", "xla", "reference"]
 
 SCORE_KINDS = ("mean", "minmax", "hybrid")
 ESTIMATORS = ("score_mass", "last_chunk", "estimate", "value")
+Tail = Literal["mixed", "scores", "last_chunk"]
+TAILS = ("mixed", "scores", "last_chunk")
 IMPLS = ("auto", "pallas", "xla", "reference")
 
 
@@ -90,6 +92,10 @@ class PSAConfig:
   patience: chunk boundaries in a row at which the rule must hold.
   compensate: fold the unread blocks' estimated contribution (their mass estimate times their mean value) into
     the output; reads no KV, only the value summaries.
+  tail: how "value" and `compensate` estimate the unread mass: "scores" (the last chunk's exact mass scaled by
+    the block scores' ratio of unread to last-chunk mass), "last_chunk" (the last chunk's mass per block times
+    the blocks left, an overestimate) or "mixed" (their geometric mean weighted by tau: the scores' estimate at a
+    loose tolerance, the conservative one at a tight tolerance).
   tau = 1.0 visits every block and equals dense attention (with or without compensation: nothing is left).
   """
 
@@ -108,6 +114,7 @@ class PSAConfig:
   estimator: Estimator = "value"
   patience: int = 2
   compensate: bool = False
+  tail: Tail = "mixed"
 
   def __post_init__(self):
     if not isinstance(self.patience, int) or self.patience < 1:
@@ -124,5 +131,7 @@ class PSAConfig:
     _check_chunk(self.chunk_blocks)
     if self.score not in SCORE_KINDS:
       raise ValueError(f"score must be one of {SCORE_KINDS}, got {self.score!r}")
+    if self.tail not in TAILS:
+      raise ValueError(f"tail must be one of {TAILS}, got {self.tail!r}")
     if self.estimator not in ESTIMATORS:
       raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")

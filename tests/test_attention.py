@@ -219,8 +219,9 @@ def test_summaries_must_be_packed_exactly_when_the_pages_are():
     psa_attention(*packed._replace(summaries=as_float.summaries), impl="xla")
 
 
-# The value-aware options (stopping.py): the "value" estimator, patience and tail compensation, with the hybrid
-# block score. Each config is a compile of its own, so the cases below are a spread, not a product.
+# The value-aware options (stopping.py): the "value" estimator, patience, tail compensation and the two tail
+# estimates ("mixed", the default, "scores" and "last_chunk"), with the hybrid block score. Each config is a compile of
+# its own, so the cases below are a spread, not a product.
 VALUE_CONFIGS = {
     "value": PSAConfig(tau=0.9, estimator="value", score="hybrid"),
     "value_patience": PSAConfig(tau=0.7, estimator="value", score="hybrid", patience=2, chunk_blocks=1),
@@ -231,6 +232,12 @@ VALUE_CONFIGS = {
                                                  compensate=True, chunk_blocks=1),
     "value_capped_compensated": PSAConfig(tau=0.99, estimator="value", score="hybrid", compensate=True,
                                           max_blocks=3, chunk_blocks=2),
+    "value_chunk_tail": PSAConfig(tau=0.9, estimator="value", score="hybrid", patience=2, tail="last_chunk",
+                                  chunk_blocks=1),
+    "value_chunk_tail_compensated": PSAConfig(tau=0.8, estimator="value", score="minmax", compensate=True,
+                                              tail="last_chunk", chunk_blocks=2),
+    "value_scores_tail_minmax": PSAConfig(tau=0.6, estimator="value", score="minmax", patience=1, chunk_blocks=2,
+                                          tail="scores"),
 }
 
 
@@ -245,7 +252,7 @@ def held_to_oracle(x, config, impl, dtype):
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("name, dtype", [
     *((name, jnp.float32) for name in VALUE_CONFIGS),
-    ("value_patience", jnp.bfloat16), ("value_compensated", jnp.bfloat16),
+    ("value_patience", jnp.bfloat16), ("value_compensated", jnp.bfloat16), ("value_chunk_tail", jnp.bfloat16),
 ])
 def test_value_rule_patience_and_compensation_match_oracle(impl, name, dtype):
   held_to_oracle(inputs(group=3, dtype=dtype, seed=1), VALUE_CONFIGS[name], impl, dtype)
@@ -289,12 +296,14 @@ def test_value_rule_on_packed_bfloat16_pages_matches_oracle(impl):
                  jnp.bfloat16 if impl == "pallas" else jnp.float32)
 
 
-@pytest.mark.parametrize("config", [
-    PSAConfig(tau=0.98, estimator="value", score="hybrid", patience=3, chunk_blocks=1),
-    PSAConfig(tau=0.9, estimator="value", score="hybrid", patience=2, compensate=True, chunk_blocks=2),
-], ids=["patience_3", "patience_2_compensated"])
-def test_xla_value_rule_streak_across_wide_iterations_matches_oracle(config):
-  x = inputs(group=3, seed=2, lengths=(1000,), heavy_blocks=2, strength=3.0)
+@pytest.mark.parametrize("config, seed", [
+    (PSAConfig(tau=0.98, estimator="value", score="hybrid", patience=3, chunk_blocks=1, tail="last_chunk"), 2),
+    (PSAConfig(tau=0.9, estimator="value", score="hybrid", patience=2, compensate=True, chunk_blocks=2,
+               tail="last_chunk"), 2),
+    (PSAConfig(tau=0.9, estimator="value", score="hybrid", patience=2, chunk_blocks=1, tail="scores"), 3),
+], ids=["patience_3", "patience_2_compensated", "patience_2_scored_tail"])
+def test_xla_value_rule_streak_across_wide_iterations_matches_oracle(config, seed):
+  x = inputs(group=3, seed=seed, lengths=(1000,), heavy_blocks=2, strength=3.0)
   used = np.asarray(held_to_oracle(x, config, "xla", jnp.float32))
   stop_chunk = -(-used // config.chunk_blocks) - 1
   assert (stop_chunk % 8 != 7).any()  # some head stopped inside a wide iteration of 8 chunks

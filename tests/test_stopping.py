@@ -160,3 +160,64 @@ def test_needs_values_only_for_the_value_rule_or_compensation(estimator, compens
 
 def test_the_config_offers_exactly_the_estimators_the_rule_knows():
   assert tuple(config.ESTIMATORS) == tuple(stopping.ESTIMATORS)
+
+
+def test_scored_tail_scales_the_chunk_mass_by_the_scores_ratio_of_unread_to_chunk():
+  # Scores estimate 6 from the chunk's first block on and 2 from the first unread block on: the chunk holds an
+  # estimated 4, the unread blocks 2, so the unread mass is half the chunk's exact mass.
+  got = stopping.scored_tail(jnp.float32(3.0), jnp.log(jnp.float32(6.0)), jnp.log(jnp.float32(2.0)), 5)
+  assert float(got) == pytest.approx(1.5, rel=1e-6)
+
+
+def test_scored_tail_is_exact_when_the_scores_are_proportional_to_the_true_masses():
+  mass = np.array([5.0, 3.0, 2.0, 1.0, 0.5, 0.25])  # descending, as the loop visits them
+  scale = 7.3  # the scores' absolute scale does not matter
+  log_rem = np.log(np.cumsum((scale * mass)[::-1])[::-1])  # log estimated mass from block i on
+  for begin, end in [(0, 2), (2, 3), (3, 5)]:
+    got = stopping.scored_tail(jnp.float32(mass[begin:end].sum()), jnp.float32(log_rem[begin]),
+                               jnp.float32(log_rem[end]), len(mass) - end)
+    assert float(got) == pytest.approx(mass[end:].sum(), rel=1e-5)
+
+
+def test_scored_tail_is_zero_when_nothing_is_left_and_never_nan():
+  assert float(stopping.scored_tail(jnp.float32(3.0), jnp.float32(1.0), jnp.float32(0.5), 0)) == 0.0
+  assert float(stopping.scored_tail(jnp.float32(3.0), jnp.float32(1.0), jnp.float32(-jnp.inf), 4)) == 0.0
+  # A padded query head: every estimate is -inf.
+  assert float(stopping.scored_tail(jnp.float32(0.0), jnp.float32(-jnp.inf), jnp.float32(-jnp.inf), 4)) == 0.0
+  # A chunk the scores call empty: the ratio is capped, not infinite.
+  assert np.isfinite(float(stopping.scored_tail(jnp.float32(1.0), jnp.float32(2.0), jnp.float32(2.0), 4)))
+
+
+def test_unread_mass_dispatches_on_the_tail_estimate():
+  chunk = jnp.float32(2.0)
+  assert float(stopping.unread_mass("last_chunk", chunk, 4, 6)) == 3.0
+  assert float(stopping.unread_mass("scores", chunk, 4, 6, log_rem_begin=jnp.log(jnp.float32(4.0)),
+                                    log_rem_end=jnp.log(jnp.float32(1.0)))) == pytest.approx(2.0 / 3.0, rel=1e-6)
+  with pytest.raises(ValueError, match="unknown tail"):
+    stopping.unread_mass("oracle", chunk, 4, 6)
+
+
+def test_mixed_tail_moves_from_the_scored_estimate_to_the_last_chunk_bound_as_tau_grows():
+  chunk, begin, end = jnp.float32(2.0), jnp.log(jnp.float32(4.0)), jnp.log(jnp.float32(1.0))
+  scored = 2.0 / 3.0  # the chunk holds an estimated 3, the unread blocks 1
+  bound = 3.0  # 2 per 4 blocks, 6 blocks left
+  mixed = lambda tau: float(stopping.unread_mass("mixed", chunk, 4, 6, log_rem_begin=begin, log_rem_end=end,
+                                                 tau=jnp.float32(tau)))
+  assert mixed(0.0) == pytest.approx(scored, rel=1e-5)
+  assert mixed(1.0) == pytest.approx(bound, rel=1e-5)
+  assert mixed(0.5) == pytest.approx(np.sqrt(scored * bound), rel=1e-5)
+  assert scored < mixed(0.3) < mixed(0.7) < bound
+  # Nothing left: nothing unread, whatever tau.
+  assert float(stopping.unread_mass("mixed", chunk, 4, 0, log_rem_begin=begin, log_rem_end=end, tau=0.5)) == 0.0
+
+
+@pytest.mark.parametrize("estimator, compensate, tail, want", [
+    ("value", False, "scores", True), ("value", False, "mixed", True), ("value", False, "last_chunk", False), ("last_chunk", True, "scores", True),
+    ("last_chunk", False, "scores", False), ("score_mass", False, "last_chunk", True), (None, False, "scores", False),
+])
+def test_log_remaining_is_read_for_score_based_rules_and_the_scored_tail(estimator, compensate, tail, want):
+  assert stopping.needs_log_remaining(estimator, compensate, tail) == want
+
+
+def test_the_config_offers_exactly_the_tail_estimates_the_rule_knows():
+  assert tuple(sorted(config.TAILS)) == tuple(sorted(stopping.TAILS))

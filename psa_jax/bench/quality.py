@@ -75,8 +75,8 @@ class Method:
 
 
 FAMILIES = ("topk", "topk_hybrid", "psa", "psa_coverage", "psa_oracle_order", "topk_oracle_order",
-            "psa_compensated")
-DEFAULT_FAMILIES = FAMILIES[:-1]  # the compensated curve is an option on request (--curves)
+            "psa_compensated", "psa_chunk_tail", "psa_scores_tail")
+DEFAULT_FAMILIES = FAMILIES[:-3]  # compensation and the other tail estimates are curves on request (--curves)
 
 
 def default_methods(full: bool = False, *, taus: tuple[float, ...] | None = None, ks: tuple[int, ...] | None = None,
@@ -103,6 +103,10 @@ def default_methods(full: bool = False, *, taus: tuple[float, ...] | None = None
       "topk_oracle_order": [Method("topk_oracle_order", k, "topk", TopKConfig(k_blocks=k), True) for k in (64, 128)],
       "psa_compensated": [Method("psa_compensated", t, "psa", dataclasses.replace(psa, tau=t, compensate=True))
                           for t in taus],
+      "psa_chunk_tail": [Method("psa_chunk_tail", t, "psa", dataclasses.replace(psa, tau=t, tail="last_chunk"))
+                         for t in taus],
+      "psa_scores_tail": [Method("psa_scores_tail", t, "psa", dataclasses.replace(psa, tau=t, tail="scores"))
+                          for t in taus],
   }
   return tuple(m for family in families for m in curves[family])
 
@@ -117,7 +121,7 @@ class QualityConfig:
   dense_layers: int = 0  # layers below this index attend densely, for every method
   needle_tasks: tuple[str, ...] = NEEDLE_TASKS
   needle_questions: int = 24
-  needle_methods: tuple[str, ...] = ("topk@64", "topk@128", "psa_coverage@0.95", "psa@0.8", "psa@0.9")
+  needle_methods: tuple[str, ...] = ("topk@64", "topk@128", "psa_coverage@0.95", "psa@0.8", "psa@0.85", "psa@0.9")
   block_size: int = 16
   rows_per_batch: int = 64
   bootstrap: int = 1000
@@ -185,7 +189,7 @@ class SharedContextAttention:
     out, used = reference.attend_in_order(
         logits, token_ok, v[None], vmean, lengths, plan, tau, chunk_blocks=config.chunk_blocks,
         estimator=config.estimator if psa else None, patience=config.patience if psa else 1,
-        compensate=config.compensate if psa else False)
+        compensate=config.compensate if psa else False, tail=config.tail if psa else "last_chunk")
     return out.reshape(b, hq, d), used
 
 
