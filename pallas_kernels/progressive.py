@@ -327,7 +327,7 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
     n_total = length.astype(jnp.float32)  # the token counts of the sequence's blocks add up to its length
 
   # Pages viewed as rows of S*D values: XLA:CPU copies a gathered 1-D row much faster than an [S, D] tile
-  # (32 vs 53 us for 32 pages of 16 x 64 float32, measured in session 3). The pool is flattened to [H * P] rows so
+  # (32 vs 53 us for 32 pages of 16 x 64 float32 on the development VM). The pool is flattened to [H * P] rows so
   # the gather takes one index per row (a [head, page] index pair cost an extra op every iteration).
   # A packed pool (bfloat16 bits, storage.py) is widened row by row after the gather.
   n_pages = k_pages.shape[1]
@@ -351,7 +351,7 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
     token_ok = (in_budget[:, None] & (token < length)).reshape(g * c * s, 1)
     # Token-major logits [g*C*S, Gp]: the gathered keys enter the matmul as its left operand in their natural
     # layout. Written as q @ k.T, XLA:CPU materialized a transposed copy of every gathered chunk, which took ~2/3 of
-    # the loop's time (profiled in session 3).
+    # the loop's time (profiled on the development VM).
     precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
     logits = jnp.dot(k, q_t, preferred_element_type=jnp.float32, precision=precision)
     logits = jnp.where(token_ok, logits * sm_scale, MASK_VALUE)
@@ -452,10 +452,10 @@ def progressive_attention_xla(
   heads of the pool (and of vmean) that q's head axis stands for (None: all of them, in order).
 
   One loop per KV head, each vmapped over the batch, so each head stops on its own; one loop vmapped over heads
-  as well ran every head until the slowest one was done, ~15% slower for PSA at 8K, batch 8 (session 3), and a
-  single loop stepping all heads side by side was slower still (session 4). The loops do not overlap in time:
+  as well ran every head until the slowest one was done, ~15% slower for PSA at 8K, batch 8, and a
+  single loop stepping all heads side by side was slower still. The loops do not overlap in time:
   XLA's buffer assignment reuses one loop's temporaries for the next, so the CPU runtime orders them (seen in
-  its dependency log, session 4). The unrolling is over the few KV heads of one device, never over tokens or
+  its dependency log). The unrolling is over the few KV heads of one device, never over tokens or
   layers.
   """
   b, h, gp, d = q.shape

@@ -77,7 +77,7 @@ def _descending_order(crit: jax.Array, forced: jax.Array, valid: jax.Array) -> j
   One sort of packed int32 keys: the high bits rank the block (the float32 bits of a non-negative `crit` order
   like the value), the low ceil(log2 M) bits hold its id. Dropping that many low mantissa bits merges values
   closer than ~2^(log2 M - 23) relative, which then go by id. XLA:CPU sorts one int32 operand ~5x faster than
-  the (value, id) pair of an argsort (0.04 vs 0.2 ms for [3, 512], measured in session 3).
+  the (value, id) pair of an argsort (0.04 vs 0.2 ms for [3, 512] on the development VM).
   """
   m = crit.shape[-1]
   id_bits = max(1, (m - 1).bit_length())

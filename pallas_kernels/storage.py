@@ -1,8 +1,8 @@
 """How KV pages are stored: in their own dtype, or bfloat16 kept as raw uint16 bits ("packed").
 
 XLA:CPU cannot gather bfloat16: it widens the whole bfloat16 operand to float32 before the gather, which for a
-KV pool means converting every page of every layer on every decode step (2.5 s per step at 8K, measured in
-session 3), and a bitcast of a bfloat16 pool to uint16 is a full copy there too. A pool that *is* uint16 gathers
+KV pool means converting every page of every layer on every decode step (2.5 s per step at 8K, measured on
+the development VM), and a bitcast of a bfloat16 pool to uint16 is a full copy there too. A pool that *is* uint16 gathers
 as integers, and only the gathered rows are widened: a shift into the high half of a float32, which is exact.
 So the CPU arena stores bfloat16 KV packed; accelerators store bfloat16 itself.
 

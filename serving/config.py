@@ -54,7 +54,7 @@ class EngineConfig:
   layer_weights: how decode reaches a layer's weights: "stacked" (slices of the model's stacked arrays, which
     XLA:CPU copies out every step), "split" (arrays of their own, `Decoder.split_layers`: read in place, at the
     cost of a second copy of the layer weights in memory; one device only), or "auto" (split on CPU without a
-    mesh). Measured in BENCHMARKS.md (study 4, session 5): 4-6 ms less per token at 1K, batch 1 on this CPU.
+    mesh). Measured: 4-6 ms less per token at 1K, batch 1 on the 2-core development VM.
   """
 
   attention: str = "psa"

@@ -6,7 +6,7 @@
   --study=fidelity  output error against KV blocks read on the default model's real q/k/v (study 2)
   --study=tasks     retrieval accuracy and perplexity against KV blocks read (study 3)
   --study=quality   KL to dense, top-1 agreement and needle retrieval against KV blocks read: PSA against top-k
-  --study=sharding  decode tokens/s against device count on meshes (issue 7; --host_devices forces CPU devices)
+  --study=sharding  decode tokens/s against device count on meshes (--host_devices forces CPU devices)
 Results: a table on stdout, a JSON file and PNG plots in --out_dir.
 """
 

@@ -1,4 +1,4 @@
-"""Sharded decode throughput against device count (issue 7): the default model served on meshes of 1 to 8
+"""Sharded decode throughput against device count: the default model served on meshes of 1 to 8
 devices, dense and PSA, batch 8, from one prefilled context per mesh.
 
 On a CPU the devices are forced host devices (`jax_num_cpu_devices`) that share the machine's cores, so the
