@@ -3,7 +3,7 @@
 Shapes (one query token per sequence):
   q:            [batch, q_heads, head_dim]
   k_pages:      [kv_heads, num_pages, block_size, head_dim]   (v_pages alike), a float dtype, or uint16 holding
-                bfloat16 bits (the CPU arena's packed storage, pallas_kernels/storage.py)
+                bfloat16 bits (the CPU arena's packed storage, psa_jax/pallas_kernels/storage.py)
   block_table:  [batch, max_blocks_per_seq] int32, logical block -> page
   lengths:      [batch] int32, tokens in each sequence (0 allowed: the output is zeros)
   summaries:    BlockSummaries, each [kv_heads, num_pages, head_dim], stored like the pages (packed or not)
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import progressive, reference, scoring, selection, stopping, storage
-from pallas_kernels.summaries import BlockSummaries
+from psa_jax.pallas_kernels import progressive, reference, scoring, selection, stopping, storage
+from psa_jax.pallas_kernels.summaries import BlockSummaries
 from psa_jax.config import IMPLS, DenseConfig, PSAConfig, TopKConfig
 
 

@@ -73,7 +73,7 @@ class PSAConfig:
   """Progressive Sparse Attention.
 
   Blocks are visited in descending estimated criticality, `chunk_blocks` per iteration; the loop stops once
-  the stopping rule (`estimator`, see pallas_kernels/stopping.py) holds for every query head of the KV group at
+  the stopping rule (`estimator`, see psa_jax/pallas_kernels/stopping.py) holds for every query head of the KV group at
   `patience` consecutive chunk boundaries, or after `max_blocks` blocks (None: no cap). Sink and local blocks are
   always visited first (within the cap), and then at least `min_blocks` more before the loop may stop (a top-k
   floor under the progressive rule).

@@ -57,10 +57,10 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
-  from models import checkpoint, parallel
-  from serving.config import EngineConfig
-  from serving.engine import Engine
-  from serving.http import serve
+  from psa_jax.models import checkpoint, parallel
+  from psa_jax.serving.config import EngineConfig
+  from psa_jax.serving.engine import Engine
+  from psa_jax.serving.http import serve
 
   dtype = _DTYPE.value
   if dtype == "auto":
@@ -75,7 +75,7 @@ def main(argv):
     kv_memory = "2GiB" if jax.default_backend() == "cpu" else "0.25"
   model = loaded.model
   if _WEIGHTS.value == "int8":
-    from models.quantize import quantize_int8
+    from psa_jax.models.quantize import quantize_int8
     model = quantize_int8(model)
   try:
     config = EngineConfig(

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.summaries import BlockSummaries, update_summaries
+from psa_jax.pallas_kernels.summaries import BlockSummaries, update_summaries
 
 
 class DecodeInputs(NamedTuple):

@@ -149,7 +149,7 @@ def stage_environment(rec: Recorder, p: Profile) -> None:
   from psa_jax.bench import common
   rec.set(machine=common.machine())
   import psa_jax  # noqa: F401  the package imports cleanly on this jax
-  from serving import engine  # noqa: F401
+  from psa_jax.serving import engine  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
@@ -162,7 +162,7 @@ def planted_inputs(seed: int, lengths, *, q_heads, kv_heads, head_dim, dtype, bl
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from pallas_kernels.summaries import BlockSummaries, update_summaries
+  from psa_jax.pallas_kernels.summaries import BlockSummaries, update_summaries
 
   rng = np.random.default_rng(seed)
   lengths = np.asarray(lengths, np.int32)
@@ -212,7 +212,7 @@ def stage_kernels(rec: Recorder, p: Profile) -> None:
   import jax.numpy as jnp
   import numpy as np
   from psa_jax import PSAConfig, TopKConfig, dense_attention, psa_attention, topk_attention
-  from pallas_kernels import stopping
+  from psa_jax.pallas_kernels import stopping
 
   topk, psa = TopKConfig(k_blocks=p.topk_blocks), PSAConfig()
   calls = {
@@ -264,8 +264,8 @@ def stage_kernels(rec: Recorder, p: Profile) -> None:
 def random_decoder(p: Profile, key_scale: float):
   import jax.numpy as jnp
   from flax import nnx
-  from models.config import ModelConfig
-  from models.llama import Decoder
+  from psa_jax.models.config import ModelConfig
+  from psa_jax.models.llama import Decoder
 
   model = Decoder(ModelConfig(**p.engine_model), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   model.wk[...] = (model.wk[...] * key_scale).astype(model.wk[...].dtype)
@@ -275,8 +275,8 @@ def random_decoder(p: Profile, key_scale: float):
 def stage_engine(rec: Recorder, p: Profile, key_scale: float) -> None:
   import numpy as np
   from psa_jax.bench.e2e import prefill_and_hold, timed_decode
-  from serving.config import EngineConfig
-  from serving.engine import Engine
+  from psa_jax.serving.config import EngineConfig
+  from psa_jax.serving.engine import Engine
 
   t0 = time.perf_counter()
   model = random_decoder(p, key_scale)

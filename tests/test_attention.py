@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import storage
+from psa_jax.pallas_kernels import storage
 from psa_jax import (DenseConfig, PSAConfig, TopKConfig, dense_attention, psa_attention, summarize_pages,
                      topk_attention)
 from psa_jax.synthetic import synthetic_decode_inputs

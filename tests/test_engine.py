@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.config import ModelConfig
-from models.generate import generate
-from models.kv_pages import PagedKV
-from models.llama import Decoder
+from psa_jax.models.config import ModelConfig
+from psa_jax.models.generate import generate
+from psa_jax.models.kv_pages import PagedKV
+from psa_jax.models.llama import Decoder
 from psa_jax import AttentionBackend
-from serving import steps
-from serving.arena import ArenaFull, KVArena
-from serving.config import EngineConfig, SamplingParams, parse_memory
-from serving.engine import Engine
+from psa_jax.serving import steps
+from psa_jax.serving.arena import ArenaFull, KVArena
+from psa_jax.serving.config import EngineConfig, SamplingParams, parse_memory
+from psa_jax.serving.engine import Engine
 
 TINY = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, intermediate_size=128, max_context=1024, eos_token_ids=(3,))
@@ -313,7 +313,7 @@ def test_forked_requests_continue_exactly_like_their_parent(model):
 
 
 def test_prefill_can_return_the_post_rope_keys_it_writes(model):
-  from models.kv_pages import PagedKV, gather_context
+  from psa_jax.models.kv_pages import PagedKV, gather_context
   c = TINY
   tokens = jnp.asarray([prompts(1, seed=14, lo=40, hi=40)[0]])
   kv = PagedKV.zeros(c.num_kv_heads, 2 * 3, 16, c.head_dim, jnp.float32)
@@ -326,8 +326,8 @@ def test_prefill_can_return_the_post_rope_keys_it_writes(model):
 
 
 def test_int8_weights_stay_close_to_float_and_serve(model):
-  from models.kv_pages import PagedKV
-  from models.quantize import quantize_int8
+  from psa_jax.models.kv_pages import PagedKV
+  from psa_jax.models.quantize import quantize_int8
   q8 = quantize_int8(model)
   assert q8.wq[...].dtype == jnp.int8 and q8.embed[...].dtype == jnp.int8 and q8.dtype == jnp.float32
   assert model.wq[...].dtype == jnp.float32  # the float model is untouched
@@ -343,8 +343,8 @@ def test_int8_weights_stay_close_to_float_and_serve(model):
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])
 def test_int8_matmul_is_close_to_float_and_each_row_ignores_the_others(rows):
-  from models.llama import int8_matmul
-  from models.quantize import _quantize
+  from psa_jax.models.llama import int8_matmul
+  from psa_jax.models.quantize import _quantize
 
   rng = np.random.default_rng(rows)
   w = jnp.asarray(rng.normal(size=(64, 96)), jnp.float32)

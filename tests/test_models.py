@@ -6,9 +6,9 @@ import pytest
 import torch  # the [peers] extra, which `make test` installs
 import transformers
 
-from models import checkpoint
-from models.generate import generate
-from models.kv_pages import PagedKV
+from psa_jax.models import checkpoint
+from psa_jax.models.generate import generate
+from psa_jax.models.kv_pages import PagedKV
 from psa_jax import AttentionBackend
 
 from tests import tiny_models
@@ -204,7 +204,7 @@ def test_default_model_alias_resolves_to_the_wheel():
 def test_prefill_attention_equals_a_plain_causal_softmax(t, c, start, query_chunk):
   """The key-block loop with causal skipping, on contexts that are and are not multiples of the key block."""
   import jax
-  from models.llama import _causal_context_attention
+  from psa_jax.models.llama import _causal_context_attention
 
   rng = np.random.default_rng(t)
   b, hq, h, d = 2, 6, 2, 16

@@ -54,7 +54,7 @@ def test_error_bound_shrinks_as_tau_grows_and_budget_holds(seed, lengths, max_bl
 
 def covered_share(x, config, tau):
   """Share of each query head's dense attention mass that lies in the blocks PSA visited: [B, Hq]."""
-  from pallas_kernels import reference, selection
+  from psa_jax.pallas_kernels import reference, selection
   b, hq, d = x.q.shape
   h = x.k_pages.shape[0]
   qg = x.q.reshape(b, h, hq // h, d)

@@ -1,4 +1,4 @@
-"""Sharded serving (models/parallel.py) on forced host devices: the same greedy text on every mesh, and no
+"""Sharded serving (psa_jax/models/parallel.py) on forced host devices: the same greedy text on every mesh, and no
 all-gather of the KV arena in the compiled decode step.
 
 A process fixes its device count when JAX starts, so each check runs in a fresh interpreter with
@@ -18,8 +18,8 @@ import sys
 
 import pytest
 
-from models.config import ModelConfig
-from models.parallel import MeshConfig
+from psa_jax.models.config import ModelConfig
+from psa_jax.models.parallel import MeshConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,8 +56,8 @@ def _greedy_on_meshes(model, meshes, prompts, max_tokens):
   import jax.numpy as jnp
   from flax import nnx
 
-  from serving.config import EngineConfig, SamplingParams
-  from serving.engine import Engine
+  from psa_jax.serving.config import EngineConfig, SamplingParams
+  from psa_jax.serving.engine import Engine
 
   results = {}
   for mesh in meshes:
@@ -75,7 +75,7 @@ def _scenario_wide_model(meshes):
   import jax.numpy as jnp
   from flax import nnx
 
-  from models.llama import Decoder
+  from psa_jax.models.llama import Decoder
 
   return _greedy_on_meshes(Decoder(WIDE, dtype=jnp.float32, rngs=nnx.Rngs(3)), meshes, PROMPTS, 10)
 
@@ -83,7 +83,7 @@ def _scenario_wide_model(meshes):
 def _scenario_default_model(meshes):
   import jax.numpy as jnp
 
-  from models import checkpoint
+  from psa_jax.models import checkpoint
 
   lm = checkpoint.load(None, dtype=jnp.float32)
   prompts = [lm.tokenizer.encode(text) for text in (
@@ -95,7 +95,7 @@ def _scenario_one_of_two_processes(process_id, port, mesh):
   """One host of a two-host run (two CPU devices each), joined through jax.distributed."""
   import jax
 
-  from models.parallel import initialize_distributed
+  from psa_jax.models.parallel import initialize_distributed
 
   jax.config.update("jax_num_cpu_devices", 2)
   initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
@@ -108,10 +108,10 @@ def _scenario_decode_hlo(mesh):
   import jax.numpy as jnp
   from flax import nnx
 
-  from models.llama import Decoder
-  from serving import steps
-  from serving.config import EngineConfig, SamplingParams
-  from serving.engine import Engine
+  from psa_jax.models.llama import Decoder
+  from psa_jax.serving import steps
+  from psa_jax.serving.config import EngineConfig, SamplingParams
+  from psa_jax.serving.engine import Engine
 
   engine = Engine(Decoder(WIDE, dtype=jnp.float32, rngs=nnx.Rngs(3)), None,
                   EngineConfig(mesh=mesh, max_batch=8, kv_memory="4MiB", max_context=256, attention="psa"))
@@ -183,9 +183,9 @@ def _scenario_split_weights_on_a_mesh():
   import jax.numpy as jnp
   from flax import nnx
 
-  from models.llama import Decoder
-  from serving.config import EngineConfig
-  from serving.engine import Engine
+  from psa_jax.models.llama import Decoder
+  from psa_jax.serving.config import EngineConfig
+  from psa_jax.serving.engine import Engine
   model = Decoder(WIDE, dtype=jnp.float32, rngs=nnx.Rngs(0))
   config = dict(mesh="data=2,model=4", kv_memory="4MiB", max_context=256)
   try:

@@ -1,10 +1,10 @@
-"""The stopping rule's pieces (pallas_kernels/stopping.py) on numbers worked out by hand."""
+"""The stopping rule's pieces (psa_jax/pallas_kernels/stopping.py) on numbers worked out by hand."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import stopping
+from psa_jax.pallas_kernels import stopping
 from psa_jax import config
 
 # A tau whose complement is exact in binary, so boundary cases compare equal quantities exactly.

@@ -1,12 +1,12 @@
-"""Packed bfloat16 KV pages (pallas_kernels/storage.py): what is written is what is read, bit for bit."""
+"""Packed bfloat16 KV pages (psa_jax/pallas_kernels/storage.py): what is written is what is read, bit for bit."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.kv_pages import PagedKV, gather_context, write_tokens
-from pallas_kernels import storage
+from psa_jax.models.kv_pages import PagedKV, gather_context, write_tokens
+from psa_jax.pallas_kernels import storage
 from psa_jax import summarize_pages
 
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import scoring, selection
-from pallas_kernels.progressive import INFO_WIDTH
+from psa_jax.pallas_kernels import scoring, selection
+from psa_jax.pallas_kernels.progressive import INFO_WIDTH
 from psa_jax import BlockSummaries, summarize_pages, update_summaries
 from psa_jax.synthetic import synthetic_decode_inputs
 

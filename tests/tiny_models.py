@@ -8,7 +8,7 @@ import pathlib
 
 import numpy as np
 
-from models import checkpoint
+from psa_jax.models import checkpoint
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

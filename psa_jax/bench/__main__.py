@@ -71,7 +71,7 @@ def main(argv):
     import jax
     jax.config.update("jax_num_cpu_devices", _HOST_DEVICES.value)  # before the backend starts
   if _COORDINATOR.value:
-    from models.parallel import initialize_distributed
+    from psa_jax.models.parallel import initialize_distributed
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _STUDY.value == "e2e":
     config = e2e.E2EConfig(

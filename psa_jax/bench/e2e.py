@@ -15,11 +15,11 @@ import time
 
 import jax.numpy as jnp
 
-from models import checkpoint
+from psa_jax.models import checkpoint
 from psa_jax.bench import common
 from psa_jax.config import PSAConfig
-from serving.config import EngineConfig, SamplingParams
-from serving.engine import Engine
+from psa_jax.serving.config import EngineConfig, SamplingParams
+from psa_jax.serving.engine import Engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class E2EConfig:
   psa_tau: float = PSAConfig.tau
   topk_blocks: int = 32
   dtype: str = "float32"
-  weights: str = "float"  # or "int8" (models/quantize.py)
+  weights: str = "float"  # or "int8" (psa_jax/models/quantize.py)
   kv_dtype: str = "bfloat16"  # EngineConfig.kv_dtype
   layer_weights: str = "auto"  # EngineConfig.layer_weights
   prefill_chunk: int = 512
@@ -83,7 +83,7 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
   lm = checkpoint.load(config.model, dtype=jnp.dtype(config.dtype))
   model = lm.model
   if config.weights == "int8":
-    from models.quantize import quantize_int8
+    from psa_jax.models.quantize import quantize_int8
     model = quantize_int8(model)
   c = model.config
   extra = 3 * config.decode_window + config.decode_steps + 16  # tokens decoded on top of a context

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import checkpoint
-from models.kv_pages import PagedKV
-from pallas_kernels.summaries import BlockSummaries, update_summaries
+from psa_jax.models import checkpoint
+from psa_jax.models.kv_pages import PagedKV
+from psa_jax.pallas_kernels.summaries import BlockSummaries, update_summaries
 from psa_jax import PSAConfig, TopKConfig, dense_attention, psa_attention, topk_attention
 from psa_jax.bench import common
 

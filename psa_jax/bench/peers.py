@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from models import checkpoint
+from psa_jax.models import checkpoint
 from psa_jax.bench import common
 
 

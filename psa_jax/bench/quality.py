@@ -42,9 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import checkpoint
-from models.kv_pages import PagedKV
-from pallas_kernels import reference, selection
+from psa_jax.models import checkpoint
+from psa_jax.models.kv_pages import PagedKV
+from psa_jax.pallas_kernels import reference, selection
 from psa_jax.bench import common
 from psa_jax.config import PSAConfig, TopKConfig
 

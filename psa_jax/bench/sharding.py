@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import checkpoint, parallel
+from psa_jax.models import checkpoint, parallel
 from psa_jax.bench import common
 from psa_jax.config import PSAConfig
 from psa_jax.bench.e2e import prefill_and_hold, timed_decode
-from serving.config import EngineConfig
-from serving.engine import Engine
+from psa_jax.serving.config import EngineConfig
+from psa_jax.serving.engine import Engine
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import checkpoint
-from models.kv_pages import PagedKV
-from pallas_kernels.storage import storage_dtype
+from psa_jax.models import checkpoint
+from psa_jax.models.kv_pages import PagedKV
+from psa_jax.pallas_kernels.storage import storage_dtype
 from psa_jax.backend import AttentionBackend
 from psa_jax.bench import common
 from psa_jax.config import PSAConfig

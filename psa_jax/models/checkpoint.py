@@ -20,10 +20,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from models import tokenizer as tokenizer_lib
-from models.config import ModelConfig, RopeScaling
-from models.llama import Decoder
-from models.rope import inverse_frequencies
+from psa_jax.models import tokenizer as tokenizer_lib
+from psa_jax.models.config import ModelConfig, RopeScaling
+from psa_jax.models.llama import Decoder
+from psa_jax.models.rope import inverse_frequencies
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")

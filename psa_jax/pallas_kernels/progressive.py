@@ -35,8 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import stopping
-from pallas_kernels.storage import unpack, value_dtype
+from psa_jax.pallas_kernels import stopping
+from psa_jax.pallas_kernels.storage import unpack, value_dtype
 
 # Finite stand-in for -inf: keeps exp(m_old - m_new) finite when a running max has seen no token yet.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)

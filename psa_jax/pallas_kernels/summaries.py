@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.storage import pack, unpack
+from psa_jax.pallas_kernels.storage import pack, unpack
 
 
 class BlockSummaries(NamedTuple):

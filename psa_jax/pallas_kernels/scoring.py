@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.progressive import INFO_WIDTH, LENGTH, _dot_t
-from pallas_kernels.summaries import BlockSummaries
+from psa_jax.pallas_kernels.progressive import INFO_WIDTH, LENGTH, _dot_t
+from psa_jax.pallas_kernels.summaries import BlockSummaries
 
 
 def _kernel(q_ref, table_ref, info_ref, kmin_ref, kmax_ref, kmean_ref, out_ref, *, block_size, score,

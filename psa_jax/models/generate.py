@@ -1,5 +1,5 @@
 """`generate`: prompt in, tokens out, for the library user. One sequence, its own small KV pool, the whole
-decode loop on device. The serving engine (serving/) batches many requests over a shared arena instead."""
+decode loop on device. The serving engine (psa_jax/serving/) batches many requests over a shared arena instead."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.kv_pages import PagedKV
-from models.llama import Decoder
-from models.sampling import sample
-from pallas_kernels.storage import storage_dtype
+from psa_jax.models.kv_pages import PagedKV
+from psa_jax.models.llama import Decoder
+from psa_jax.models.sampling import sample
+from psa_jax.pallas_kernels.storage import storage_dtype
 from psa_jax.backend import AttentionBackend
 
 

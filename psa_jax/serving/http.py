@@ -18,8 +18,8 @@ import prometheus_client as prom
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from serving.config import SamplingParams
-from serving.engine import Engine
+from psa_jax.serving.config import SamplingParams
+from psa_jax.serving.engine import Engine
 
 MAX_STOP_STRINGS = 8
 

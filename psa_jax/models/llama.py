@@ -23,14 +23,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from models import parallel
-from models.config import ModelConfig
-from models.kv_pages import PagedKV, gather_context, write_tokens
-from models.rope import apply_rope, inverse_frequencies
+from psa_jax.models import parallel
+from psa_jax.models.config import ModelConfig
+from psa_jax.models.kv_pages import PagedKV, gather_context, write_tokens
+from psa_jax.models.rope import apply_rope, inverse_frequencies
 
 LAYER_WEIGHTS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 MATMUL_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-QUANTIZABLE = MATMUL_WEIGHTS + ("embed", "lm_head")  # int8 with per-channel scales, see models/quantize.py
+QUANTIZABLE = MATMUL_WEIGHTS + ("embed", "lm_head")  # int8 with per-channel scales, see psa_jax/models/quantize.py
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -86,7 +86,7 @@ class Decoder(nnx.Module):
     self.final_norm = ones(e)
     self.lm_head = None if c.tie_embeddings else normal(e, c.vocab_size)
     self.inv_freq = nnx.Variable(jnp.asarray(inverse_frequencies(c)))
-    # Per-output-channel scales of int8 weights (models/quantize.py); None while the weights are floats.
+    # Per-output-channel scales of int8 weights (psa_jax/models/quantize.py); None while the weights are floats.
     for name in QUANTIZABLE:
       setattr(self, f"{name}_scale", nnx.data(None))
 
@@ -160,7 +160,7 @@ class Decoder(nnx.Module):
   ):
     """Writes the span's KV and returns the hidden state after the last layer [B, T, E] and the new KV.
 
-    mesh: run sharded over it (models/parallel.py); params and KV must already be placed there.
+    mesh: run sharded over it (psa_jax/models/parallel.py); params and KV must already be placed there.
     collect_qkv: also return every layer's post-RoPE (q [L, B, T, Hq, D], k, v [L, B, T, H, D]), for studies of
     real attention.
     """
@@ -197,7 +197,7 @@ class Decoder(nnx.Module):
       attention,  # AttentionBackend
       tau: jax.Array | None = None,  # [B] per-sequence PSA threshold
       active: jax.Array | None = None,  # [B] bool; inactive rows write nothing (batch padding, finished)
-      mesh: Mesh | None = None,  # run sharded over it (models/parallel.py); B must divide by its data axis
+      mesh: Mesh | None = None,  # run sharded over it (psa_jax/models/parallel.py); B must divide by its data axis
       layers: tuple[dict, ...] | None = None,  # `split_layers()`: read each layer's weights from its own arrays
   ) -> tuple[jax.Array, PagedKV, jax.Array]:
     """One token per sequence: (logits [B, V] float32, new KV, blocks used [L, B, H]).

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig
+from psa_jax.models.config import ModelConfig
 
 
 def inverse_frequencies(config: ModelConfig) -> np.ndarray:

@@ -13,8 +13,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.storage import unpack
-from pallas_kernels.summaries import BlockSummaries
+from psa_jax.pallas_kernels.storage import unpack
+from psa_jax.pallas_kernels.summaries import BlockSummaries
 
 NEG_INF = float("-inf")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from models.parallel import MeshConfig
-from pallas_kernels import storage
+from psa_jax.models.parallel import MeshConfig
+from psa_jax.pallas_kernels import storage
 from psa_jax.backend import KINDS
 from psa_jax.config import PSAConfig
 
@@ -46,10 +46,10 @@ class EngineConfig:
   max_batch: sequences decoding together. max_context: longest prompt + output.
   decode_window: decode steps run on device between host reads.
   prefill_chunk: prompt tokens prefilled per engine step, so a long prompt does not stall running decodes.
-  mesh: how to spread the model over devices (models/parallel.py): "auto" (every local device, on the model
+  mesh: how to spread the model over devices (psa_jax/models/parallel.py): "auto" (every local device, on the model
     axis as far as the head counts divide, the rest on the data axis), "none" (one device), or "data=2,model=4".
   kv_dtype: the KV cache's dtype: "model" (the model's), "float32" or "bfloat16". bfloat16 halves the arena and
-    the bytes every decode step reads (on CPU it is stored packed, pallas_kernels/storage.py); the entry points
+    the bytes every decode step reads (on CPU it is stored packed, psa_jax/pallas_kernels/storage.py); the entry points
     (serve, bench) default to it, like llama.cpp's f16 cache.
   layer_weights: how decode reaches a layer's weights: "stacked" (slices of the model's stacked arrays, which
     XLA:CPU copies out every step), "split" (arrays of their own, `Decoder.split_layers`: read in place, at the

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.llama import MATMUL_WEIGHTS, Decoder
+from psa_jax.models.llama import MATMUL_WEIGHTS, Decoder
 
 
 def _quantize(w: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models.kv_pages import PagedKV
-from models.sampling import sample
+from psa_jax.models.kv_pages import PagedKV
+from psa_jax.models.sampling import sample
 
 TRACES: collections.Counter = collections.Counter()
 
@@ -75,7 +75,7 @@ class WindowStats(NamedTuple):
 def decode_window(graphdef, state, kv: PagedKV, tables, window: WindowState, stop_ids, sampling: SamplingArrays,
                   tau, layers=None, *, attention, num_steps: int, mesh=None):
   """tables [L, B, M]; stop_ids [B, K] (-1 padded); tau [B]; layers: None or `Decoder.split_layers()` (see
-  `Decoder.decode`). mesh: see models/parallel.py.
+  `Decoder.decode`). mesh: see psa_jax/models/parallel.py.
 
   Returns (kv, tokens [num_steps, B] (-1 where a sequence emitted nothing), final WindowState, WindowStats,
   steps run []).

@@ -1,10 +1,10 @@
 """The paged KV cache as the model sees it: one pool of pages shared by every layer and sequence.
 
   k, v:       [kv_heads, num_pages, block_size, head_dim], in the KV dtype or packed bfloat16 (CPU; see
-              pallas_kernels/storage.py: written through `pack`, read through `unpack`)
+              psa_jax/pallas_kernels/storage.py: written through `pack`, read through `unpack`)
   summaries:  BlockSummaries, each [kv_heads, num_pages, head_dim]
 A block table [layers, batch, max_blocks] maps (layer, sequence, logical block) to a page; who owns which page
-is the serving arena's business (serving/), not the model's.
+is the serving arena's business (psa_jax/serving/), not the model's.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.storage import pack, unpack
-from pallas_kernels.summaries import BlockSummaries, update_summaries
+from psa_jax.pallas_kernels.storage import pack, unpack
+from psa_jax.pallas_kernels.summaries import BlockSummaries, update_summaries
 
 
 class PagedKV(NamedTuple):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import stopping
-from pallas_kernels.selection import VisitPlan, num_blocks
-from pallas_kernels.storage import unpack
-from pallas_kernels.summaries import BlockSummaries
+from psa_jax.pallas_kernels import stopping
+from psa_jax.pallas_kernels.selection import VisitPlan, num_blocks
+from psa_jax.pallas_kernels.storage import unpack
+from psa_jax.pallas_kernels.summaries import BlockSummaries
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

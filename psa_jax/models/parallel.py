@@ -26,9 +26,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.config import ModelConfig
-from models.kv_pages import PagedKV
-from pallas_kernels.summaries import BlockSummaries
+from psa_jax.models.config import ModelConfig
+from psa_jax.models.kv_pages import PagedKV
+from psa_jax.pallas_kernels.summaries import BlockSummaries
 
 DATA, MODEL = "data", "model"
 

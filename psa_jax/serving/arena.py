@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from models import parallel
-from models.config import ModelConfig
-from models.kv_pages import PagedKV
-from serving.config import parse_memory
+from psa_jax.models import parallel
+from psa_jax.models.config import ModelConfig
+from psa_jax.models.kv_pages import PagedKV
+from psa_jax.serving.config import parse_memory
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -58,7 +58,7 @@ class KVArena:
     self.num_pages = num_pages
     self.mesh = mesh
     self.kv = PagedKV.zeros(config.num_kv_heads, num_pages, block_size, config.head_dim, dtype)
-    if mesh is not None:  # split by KV head (models/parallel.py)
+    if mesh is not None:  # split by KV head (psa_jax/models/parallel.py)
       self.kv = parallel.shard_kv(self.kv, mesh)
     self._free = list(range(num_pages - 1, -1, -1))  # a stack: recently freed pages are reused first
     self._refs = np.zeros(num_pages, np.int32)  # sequences holding each page

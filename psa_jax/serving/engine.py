@@ -28,15 +28,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from models import parallel
-from models.llama import Decoder
-from pallas_kernels.storage import storage_dtype
-from models.tokenizer import Tokenizer
+from psa_jax.models import parallel
+from psa_jax.models.llama import Decoder
+from psa_jax.pallas_kernels.storage import storage_dtype
+from psa_jax.models.tokenizer import Tokenizer
 from psa_jax.backend import AttentionBackend
 from psa_jax.config import DenseConfig, PSAConfig, TopKConfig
-from serving import steps
-from serving.arena import ArenaFull, KVArena
-from serving.config import EngineConfig, SamplingParams
+from psa_jax.serving import steps
+from psa_jax.serving.arena import ArenaFull, KVArena
+from psa_jax.serving.config import EngineConfig, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Engine:
     self._graphdef, self._state = nnx.split(model)
     split = config.layer_weights == "split" or (
         config.layer_weights == "auto" and self.mesh is None and jax.default_backend() == "cpu")
-    self._layers = model.split_layers() if split else None  # see models/llama.py
+    self._layers = model.split_layers() if split else None  # see psa_jax/models/llama.py
     self._backends = {
         "dense": AttentionBackend("dense", DenseConfig(), config.impl),
         "topk": AttentionBackend("topk", TopKConfig(k_blocks=config.topk_blocks), config.impl, config.dense_layers),
