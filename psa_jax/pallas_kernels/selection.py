@@ -106,6 +106,18 @@ class VisitPlan(NamedTuple):
   log_remaining: jax.Array
 
 
+def _reverse_cumlogsumexp(x: jax.Array) -> jax.Array:
+  """log(sum over j >= i of exp(x_j)) along the last axis; -inf where every term is -inf.
+
+  One exp, a reverse cumsum and a log, shifted by the row's max: lax.cumlogsumexp took ~30x longer on XLA:CPU
+  (7 ms for [8, 3, 3, 512], a third of a PSA decode attention at 8K, batch 8). Terms more than ~87 nats below
+  the row's max underflow to 0, far below anything the stopping rule compares.
+  """
+  top = jnp.max(x, axis=-1, keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  return jnp.log(jax.lax.cumsum(jnp.exp(x - top), axis=x.ndim - 1, reverse=True)) + top
+
+
 def plan_visits(
     scores: jax.Array,  # [B, H, Gp, M]
     lengths: jax.Array,  # [B]
@@ -151,6 +163,6 @@ def plan_visits(
   else:
     limit = jnp.minimum(n, n_forced + budget)
   ordered = jnp.take_along_axis(log_mass, jnp.broadcast_to(order[:, :, None, :], log_mass.shape), axis=-1)
-  log_remaining = jax.lax.cumlogsumexp(ordered, axis=3, reverse=True)
+  log_remaining = _reverse_cumlogsumexp(ordered)
   n_forced = jnp.minimum(limit, n_forced + min_blocks).astype(jnp.int32)
   return VisitPlan(order, limit.astype(jnp.int32), n_forced, log_remaining)
