@@ -2,9 +2,10 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from psa_jax import PSAConfig, TopKConfig, dense_attention, psa_attention
+from psa_jax import PSAConfig, TopKConfig, dense_attention, psa_attention, topk_attention
 from psa_jax.synthetic import synthetic_decode_inputs
 
 X = synthetic_decode_inputs(0, (20, 40), q_heads=4, kv_heads=2, head_dim=32)
@@ -49,9 +50,18 @@ def test_mismatched_inputs_are_rejected(change, match):
     psa_attention(*change(X))
 
 
-def test_block_table_entries_past_the_sequence_may_hold_anything():
-  x = X._replace(block_table=X.block_table.at[0, 2].set(-7))  # sequence 0 has 2 blocks
-  dense_attention(*x[:5])
+@pytest.mark.parametrize("attention", ["dense", "topk", "psa"])
+def test_block_table_entries_past_the_sequence_may_hold_anything(attention):
+  # Sequence 0 has 2 blocks: whatever its table holds after them (a negative id, a page of another sequence)
+  # is never read, so the outputs are the same.
+  call = {
+      "dense": lambda x: dense_attention(*x[:5]),
+      "topk": lambda x: topk_attention(*x)[0],
+      "psa": lambda x: psa_attention(*x)[0],
+  }[attention]
+  for junk in (-7, int(X.block_table[1, 0])):
+    x = X._replace(block_table=X.block_table.at[0, 2:].set(junk))
+    np.testing.assert_array_equal(np.asarray(call(x)), np.asarray(call(X)))
 
 
 def test_unknown_impl_is_rejected():
