@@ -17,7 +17,7 @@ TAUS = (0.3, 0.6, 0.8, 0.95, 1.0)
 WIDTH, POOL = 10, 33
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 10_000),
     lengths=st.lists(st.integers(1, 16 * WIDTH), min_size=3, max_size=3),
