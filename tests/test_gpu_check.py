@@ -5,9 +5,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_smoke_run_checks_every_kernel_and_decodes_every_attention(tmp_path):
   proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--smoke", f"--out_dir={tmp_path}"],
                         capture_output=True, text=True, timeout=600)

@@ -64,6 +64,7 @@ def hf_tokenizer():
   return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
+@pytest.mark.slow
 def test_smollm2_last_logits_match_transformers_on_512_tokens(smollm, hf_smollm):
   ids = smollm.tokenizer.encode(prose(4000))[:512]
   assert len(ids) == 512
@@ -76,6 +77,7 @@ def test_smollm2_decode_steps_match_transformers(smollm, hf_smollm):
                   hf_logits(hf_smollm, ids)[-1], 1e-3)
 
 
+@pytest.mark.slow
 def test_smollm2_psa_with_tau_one_reproduces_dense_logits(smollm):
   ids = smollm.tokenizer.encode(prose(3000))[:300]
   dense = our_logits(smollm.model, ids, AttentionBackend.named("dense"), decode_last=2)
@@ -83,6 +85,7 @@ def test_smollm2_psa_with_tau_one_reproduces_dense_logits(smollm):
   assert_relative(psa, dense, 1e-5)
 
 
+@pytest.mark.slow
 def test_smollm2_64_greedy_tokens_match_transformers(smollm, hf_smollm):
   tok = smollm.tokenizer
   prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}]))
@@ -113,6 +116,7 @@ def test_chat_template_renders_like_transformers(smollm, hf_tokenizer, messages)
       messages, tokenize=False, add_generation_prompt=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,rope_scaling", [
     ("llama", None),
     ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -134,6 +138,7 @@ def test_tiny_safetensors_models_match_transformers(tmp_path, arch, rope_scaling
   assert loaded.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]).endswith("assistant\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qtype,rel", [("F32", 1e-5), ("F16", 3e-3), ("BF16", 2e-2), ("Q8_0", 2e-2),
                                        ("Q4_0", 0.3), ("Q4_1", 0.3)])
 def test_gguf_dequantizes_and_unpermutes_like_the_writer(tmp_path, qtype, rel):

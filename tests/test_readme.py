@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,6 +27,7 @@ def test_library_example_runs_on_a_paged_cache():
   assert scope["blocks_used"].shape == (2, 2) and jnp.all(scope["blocks_used"] > 0)
 
 
+@pytest.mark.slow
 def test_engine_example_generates_from_the_default_model():
   code = python_block_after("## The engine and the model, from Python")
   scope = {}

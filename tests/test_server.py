@@ -142,6 +142,7 @@ def tiny_server(tmp_path_factory):
     yield url
 
 
+@pytest.mark.slow
 def test_load_of_64_concurrent_mixed_requests(tiny_server):
   prompts = [f"request number {i} " + "lorem ipsum " * (i % 7 * 5) for i in range(8)]
   alone = {}

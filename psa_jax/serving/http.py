@@ -367,6 +367,10 @@ def serve(engine: Engine, model_name: str, *, host: str, port: int, drain_timeou
       threading.Thread(target=engine.stop, kwargs={"drain_timeout": drain_timeout}, daemon=True).start()
       super().handle_exit(sig, frame)
 
+  # uvicorn stops waiting for open connections after timeout_graceful_shutdown and cuts them. The cancelled
+  # streams end only once the engine finishes the device call it is in (a decode window, or a compilation on a
+  # new shape: several seconds on a loaded CPU), so the margin past the drain is generous; a shutdown with no
+  # open stream does not wait for it.
   config = uvicorn.Config(create_app(engine, model_name, drain_timeout=drain_timeout), host=host, port=port,
-                          log_level="warning", timeout_graceful_shutdown=int(drain_timeout) + 5)
+                          log_level="warning", timeout_graceful_shutdown=int(drain_timeout) + 30)
   Server(config).run()
