@@ -78,6 +78,16 @@ def value_total(vmean: jax.Array, table: jax.Array, length: jax.Array, *, head: 
   return jnp.sum(_weighted_rows(ntok, _vmean_rows(vmean, jnp.where(ntok > 0, table, 0), head)), axis=0)
 
 
+def _normalize(o, l, extra, v_total, n_total, compensate):
+  """The loop's unnormalized output [Gp, D] over its mass l [Gp], with the unread tail folded in if `compensate`
+  (the tail estimate of the chunk the loop stopped after; 0 once every block is read, so tau = 1 stays exact)."""
+  o = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+  if compensate:
+    v_tail = stopping.tail_value(v_total, n_total, extra["v_read"], extra["n_read"])
+    o = jnp.where(l[:, None] > 0, stopping.compensate(o, l, extra["tail"], v_tail), o)
+  return o
+
+
 def progressive_loop(
     q: jax.Array,  # [Gp, D]
     length: jax.Array,  # [] tokens in the sequence
@@ -185,12 +195,7 @@ def progressive_loop(
       extra,
   )
   _, o, _, l, visited, _, extra = lax.while_loop(lambda carry: jnp.logical_not(carry[5]), body, init)
-  o = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
-  if compensate:
-    # The tail estimate of the chunk the loop stopped after; 0 once every block is read (tau = 1 stays exact).
-    v_tail = stopping.tail_value(v_total, n_total, extra["v_read"], extra["n_read"])
-    o = jnp.where(l[:, None] > 0, stopping.compensate(o, l, extra["tail"], v_tail), o)
-  return o, visited
+  return _normalize(o, l, extra, v_total if values else None, n_total if values else None, compensate), visited
 
 
 def _kernel(q_ref, k_ref, v_ref, table_ref, order_ref, log_rem_ref, vmean_ref, v_total_ref, info_ref, tau_ref,
@@ -433,12 +438,7 @@ def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, 
   init = (jnp.int32(0), jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32),
           jnp.zeros((gp,), jnp.float32), jnp.int32(0), limit <= 0, extra)
   _, o, _, l, visited, _, extra = lax.while_loop(lambda carry: jnp.logical_not(carry[5]), body, init)
-  o = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
-  if compensate:
-    # The tail estimate of the chunk the loop stopped after; 0 once every block is read (tau = 1 stays exact).
-    v_tail = stopping.tail_value(v_total, n_total, extra["v_read"], extra["n_read"])
-    o = jnp.where(l[:, None] > 0, stopping.compensate(o, l, extra["tail"], v_tail), o)
-  return o, visited
+  return _normalize(o, l, extra, v_total if values else None, n_total if values else None, compensate), visited
 
 
 def progressive_attention_xla(
