@@ -28,7 +28,16 @@ _BLOCK = flags.DEFINE_integer("block_size", 16, "KV block (page) size in tokens.
 _KV_MEMORY = flags.DEFINE_string("kv_memory", "auto", "KV arena size: bytes ('2GiB'), a share of device memory "
                                  "('0.25'), or auto: 0.25 of an accelerator's memory, 2GiB on CPU (host memory is "
                                  "shared with everything else).")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Sequences decoding together.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Requests admitted at once (prefilling or decoding).")
+_SCHEDULER = flags.DEFINE_enum("scheduler", "budget", ["budget", "serial"],
+                               "budget: each step prefills chunks of as many prompts as --max_num_batched_tokens "
+                               "allows and sizes decode windows to --max_window_seconds; serial: one chunk of one "
+                               "prompt per step and full windows (the simpler scheduler, kept for comparison).")
+_BATCHED_TOKENS = flags.DEFINE_integer("max_num_batched_tokens", None,
+                                       "Prefill tokens per engine step, padding included (default: 512 on CPU, "
+                                       "where a step's prefill holds up every stream, 2048 on accelerators).")
+_WINDOW_SECONDS = flags.DEFINE_float("max_window_seconds", 0.25, "A decode window is cut short of --decode_window "
+                                     "steps when it would take longer than this (budget scheduler).")
 _MAX_CONTEXT = flags.DEFINE_integer("max_context", None, "Longest prompt + output (default: the model's).")
 _WINDOW = flags.DEFINE_integer("decode_window", 16, "Decode steps on device between host reads.")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Prompt tokens prefilled per engine step.")
@@ -48,6 +57,12 @@ _WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"],
                              "float model's).")
 _MESH = flags.DEFINE_string("mesh", "auto", "Devices to shard over: auto (all local devices, KV heads split as far "
                             "as they divide, the rest data parallel), none, or 'data=2,model=4'.")
+_WARMUP = flags.DEFINE_bool("warmup", True, "Compile the common shapes (or load them from the compilation cache) "
+                            "before listening.")
+_WARMUP_CONTEXT = flags.DEFINE_integer("warmup_context", 1024, "Decode windows are warmed up for contexts up to "
+                                       "this many tokens; longer ones compile when first met.")
+_CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None, "JAX's persistent compilation cache, so a restart "
+                                 "skips compiling (default: ~/.cache/psa_jax/xla; 'none' disables it).")
 _DRAIN = flags.DEFINE_float("shutdown_drain_s", 10.0, "On SIGTERM, let in-flight requests finish this long.")
 
 
@@ -58,10 +73,16 @@ def main(argv):
   import jax.numpy as jnp
 
   from psa_jax.models import checkpoint, parallel
+  from psa_jax.serving import compilation
   from psa_jax.serving.config import EngineConfig
   from psa_jax.serving.engine import Engine
   from psa_jax.serving.http import serve
 
+  cache_dir = _CACHE_DIR.value or compilation.default_cache_dir()
+  if cache_dir != "none":
+    compilation.enable_persistent_cache(cache_dir)
+  compilation.compile_counter()  # counts from here on (/metrics: psa:compilations_total)
+  cpu = jax.default_backend() == "cpu"
   dtype = _DTYPE.value
   if dtype == "auto":
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -72,7 +93,7 @@ def main(argv):
     raise SystemExit(f"psa_jax: {e}") from None
   kv_memory = _KV_MEMORY.value
   if kv_memory == "auto":
-    kv_memory = "2GiB" if jax.default_backend() == "cpu" else "0.25"
+    kv_memory = "2GiB" if cpu else "0.25"
   model = loaded.model
   if _WEIGHTS.value == "int8":
     from psa_jax.models.quantize import quantize_int8
@@ -84,10 +105,14 @@ def main(argv):
         kv_memory=kv_memory, max_batch=_MAX_BATCH.value,
         max_context=_MAX_CONTEXT.value or model.config.max_context, decode_window=_WINDOW.value,
         prefill_chunk=_PREFILL_CHUNK.value, mesh=_MESH.value, kv_dtype=_KV_DTYPE.value,
-        layer_weights=_LAYER_WEIGHTS.value)
+        layer_weights=_LAYER_WEIGHTS.value, scheduler_policy=_SCHEDULER.value,
+        max_num_batched_tokens=_BATCHED_TOKENS.value or (512 if cpu else 2048),
+        max_window_seconds=_WINDOW_SECONDS.value)
     engine = Engine(model, loaded.tokenizer, config)
   except ValueError as e:  # a flag the model or the machine cannot honour
     raise SystemExit(f"psa_jax: {e}") from None
+  if _WARMUP.value:
+    engine.warmup(context=_WARMUP_CONTEXT.value, progress=True)
   name = _NAME.value or (_MODEL.value or checkpoint.DEFAULT_MODEL)
   print(f"psa_jax: KV arena of {engine.arena.num_pages} pages ({config.attention} attention) on "
         f"{parallel.describe(engine.mesh)}; "

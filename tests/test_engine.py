@@ -126,15 +126,15 @@ def test_preempted_requests_produce_the_same_greedy_text(model):
   assert outs == roomy
 
 
-def test_warm_engine_does_not_recompile_on_a_mixed_workload(model):
-  eng = engine(model, max_batch=4, decode_window=4, prefill_chunk=32)
-  # Warm-up touches the buckets: batch 1-4, block-table widths up to 8 (128 tokens), spans 16 and 32.
-  eng.generate(prompts(8, seed=7, lo=1, hi=100), SamplingParams(max_tokens=24, stop_token_ids=()))
-  eng.generate(prompts(3, seed=8, lo=1, hi=100), SamplingParams(max_tokens=24, stop_token_ids=()))
+def test_a_warmed_up_engine_compiles_nothing_on_a_mixed_workload(model):
+  eng = engine(model, attention="psa", max_batch=4, decode_window=4, prefill_chunk=128, max_context=256)
+  report = eng.warmup()
+  assert report["shapes"] == 4 * 3 + 3 * 2  # prefill spans 16-128 x rows 1-4; decode rows 1-4 x widths 8, 16
   warm = dict(steps.TRACES)
   eng.generate(prompts(7, seed=9, lo=1, hi=100), SamplingParams(max_tokens=20, stop_token_ids=()))
-  eng.generate(prompts(2, seed=10, lo=1, hi=100), SamplingParams(max_tokens=24, stop_token_ids=()), tau=0.7)
+  eng.generate(prompts(2, seed=10, lo=1, hi=100), SamplingParams(max_tokens=24), tau=0.7)
   assert dict(steps.TRACES) == warm
+  assert eng.arena.used_pages == 0
 
 
 def test_cancelled_and_failing_listeners_free_pages_and_keep_the_engine_alive(model):

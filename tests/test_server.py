@@ -11,8 +11,10 @@ from tests import tiny_models
 from tests.server_process import running_server
 
 
+# No warm-up and no persistent cache: each test pays only for the shapes it meets and leaves no files behind.
+QUICK = ("--nowarmup", "--compilation_cache_dir=none")
 SMOLLM_FLAGS = ("--kv_memory=64MiB", "--max_context=1024", "--max_batch=4", "--decode_window=8",
-                "--prefill_chunk=256")
+                "--prefill_chunk=256", *QUICK)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +34,41 @@ def test_models_health_and_metrics(server):
   assert models["data"][0]["id"] == "smollm2-135m-instruct"
   assert httpx.get(server + "/health").json()["status"] == "ok"
   chat(server, "Hi")
-  metrics = httpx.get(server + "/metrics").text
-  for name in ("psa_requests_total", "psa_prompt_tokens_total", "psa_generation_tokens_total",
-               "psa_time_to_first_token_seconds_bucket", "psa_time_per_output_token_seconds_bucket",
-               "psa_requests_running", "psa_requests_waiting", "psa_kv_pages_used", "psa_blocks_read_share"):
-    assert name in metrics, name
+  values = metric_values(server)
+  assert sum(v for k, v in values.items() if k.startswith("psa:request_success_total{")) == 1
+  generated = values["psa:generation_tokens_total"]
+  assert generated >= 1 and values["psa:prompt_tokens_total"] > 10
+  assert values["psa:time_to_first_token_seconds_count"] == 1
+  assert values["psa:inter_token_latency_seconds_count"] == generated - 1
+  assert values["psa:e2e_request_latency_seconds_count"] >= 1 and values["psa:request_queue_time_seconds_count"] >= 1
+  assert values["psa:num_requests_running"] == 0 and values["psa:num_requests_waiting"] == 0
+  assert values["psa:kv_cache_usage_perc"] == 0 and values["psa:num_preemptions_total"] == 0
+  assert 0 < values['psa:kv_read_share{attention="psa"}'] <= 1
+  layers = [k for k in values if k.startswith('psa:kv_blocks_read{attention="psa"')]
+  assert len(layers) == 30  # one series per layer of SmolLM2-135M
+  assert values["psa:compilations_total"] > 0
+
+
+def metric_values(url) -> dict[str, float]:
+  """The Prometheus text of /metrics as {"name{labels}": value}."""
+  values = {}
+  for line in httpx.get(url + "/metrics").text.splitlines():
+    if line and not line.startswith("#"):
+      name, value = line.rsplit(" ", 1)
+      values[name] = float(value)
+  return values
+
+
+def test_a_restarted_server_answers_its_first_request_without_compiling(tmp_path):
+  flags = ("--kv_memory=16MiB", "--max_context=256", "--max_batch=1", "--decode_window=4", "--prefill_chunk=64",
+           "--max_num_batched_tokens=64", "--warmup", "--warmup_context=64", f"--compilation_cache_dir={tmp_path}")
+  with running_server(*flags) as (url, _):
+    assert metric_values(url)["psa:compilations_total"] > 0  # a cold start compiles the warm-up shapes
+    first = chat(url, "Hi", max_tokens=4).json()["choices"][0]["message"]["content"]
+  with running_server(*flags) as (url, _):
+    again = chat(url, "Hi", max_tokens=4).json()["choices"][0]["message"]["content"]
+    assert metric_values(url)["psa:compilations_total"] == 0
+  assert again == first
 
 
 def test_chat_completion_answers_and_reports_usage(server):
@@ -137,7 +169,7 @@ def test_client_disconnect_cancels_and_frees_pages(server):
 def tiny_server(tmp_path_factory):
   path = tmp_path_factory.mktemp("tiny")
   tiny_models.save_tiny_hf(path, "llama", seed=3)
-  with running_server(f"--model={path}", "--served_model_name=tiny", "--kv_memory=4MiB", "--max_context=512",
+  with running_server(f"--model={path}", *QUICK, "--served_model_name=tiny", "--kv_memory=4MiB", "--max_context=512",
                       "--max_batch=8", "--decode_window=8", "--prefill_chunk=64") as (url, proc):
     yield url
 
@@ -184,7 +216,7 @@ def test_sigterm_ends_in_flight_requests_and_exits_cleanly(tmp_path):
   import signal
   import threading
   tiny_models.save_tiny_hf(tmp_path, "llama", seed=4)
-  with running_server(f"--model={tmp_path}", "--kv_memory=4MiB", "--max_context=512", "--shutdown_drain_s=1",
+  with running_server(f"--model={tmp_path}", *QUICK, "--kv_memory=4MiB", "--max_context=512", "--shutdown_drain_s=1",
                       "--decode_window=4") as (url, proc):
     lines = []
     got_token = threading.Event()

@@ -1,8 +1,13 @@
-"""Serving: the KV arena, the compiled prefill and decode-window steps, the continuous-batching engine and the
-OpenAI-compatible HTTP server (`psa_jax.serving.http`, imported on its own: it needs fastapi)."""
+"""Serving: requests and their settings, the page pool and KV arena, the scheduler, the model runner with its
+compiled prefill and decode-window steps, the continuous-batching engine, and the OpenAI-compatible HTTP server
+(`psa_jax.serving.http`, imported on its own: it needs fastapi)."""
 
-from psa_jax.serving.arena import ArenaFull, KVArena
-from psa_jax.serving.config import EngineConfig, SamplingParams
-from psa_jax.serving.engine import Engine, Request
+from psa_jax.serving.arena import KVArena
+from psa_jax.serving.config import EngineConfig
+from psa_jax.serving.engine import Engine
+from psa_jax.serving.pages import ArenaFull, PagePool
+from psa_jax.serving.request import Request, SamplingParams, Status
+from psa_jax.serving.scheduler import Scheduler, SchedulerConfig
 
-__all__ = ["ArenaFull", "Engine", "EngineConfig", "KVArena", "Request", "SamplingParams"]
+__all__ = ["ArenaFull", "Engine", "EngineConfig", "KVArena", "PagePool", "Request", "SamplingParams", "Scheduler",
+           "SchedulerConfig", "Status"]

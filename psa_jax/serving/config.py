@@ -9,30 +9,8 @@ from psa_jax.models.parallel import MeshConfig
 from psa_jax.pallas_kernels import storage
 from psa_jax.backend import KINDS
 from psa_jax.config import PSAConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """Per-request generation settings. temperature 0 is greedy."""
-
-  max_tokens: int = 64
-  temperature: float = 0.0
-  top_p: float = 1.0
-  top_k: int = 0
-  seed: int = 0
-  stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos tokens
-
-  def __post_init__(self):
-    if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-      raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-    if not 0.0 <= self.temperature <= 2.0:
-      raise ValueError(f"temperature must be in [0, 2], got {self.temperature!r}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-    if not isinstance(self.top_k, int) or self.top_k < 0:
-      raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
-    if not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
-      raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
+from psa_jax.serving.request import SamplingParams  # re-exported: a request's settings
+from psa_jax.serving.scheduler import SchedulerConfig
 
 
 LAYER_WEIGHTS = ("auto", "stacked", "split")
@@ -43,9 +21,11 @@ class EngineConfig:
   """attention: default backend kind ("dense", "topk", "psa"); psa_tau, topk_blocks: their defaults;
   dense_layers: the model's first layers attend densely whatever the kind.
   kv_memory: the arena's size, "2GiB", "512MB", a byte count, or a share of device memory such as "0.5".
-  max_batch: sequences decoding together. max_context: longest prompt + output.
-  decode_window: decode steps run on device between host reads.
-  prefill_chunk: prompt tokens prefilled per engine step, so a long prompt does not stall running decodes.
+  max_context: longest prompt + output.
+  max_batch, max_num_batched_tokens, prefill_chunk, decode_window, max_window_seconds, scheduler_policy: the
+    scheduler's (SchedulerConfig, psa_jax/serving/scheduler.py): requests admitted at once, prefill tokens per
+    step, most tokens of one prompt per step, most decode steps between host reads and the wall time a window
+    aims to stay under, and "budget" or "serial".
   mesh: how to spread the model over devices (psa_jax/models/parallel.py): "auto" (every local device, on the model
     axis as far as the head counts divide, the rest on the data axis), "none" (one device), or "data=2,model=4".
   kv_dtype: the KV cache's dtype: "model" (the model's), "float32" or "bfloat16". bfloat16 halves the arena and
@@ -67,6 +47,9 @@ class EngineConfig:
   max_context: int = 8192
   decode_window: int = 16
   prefill_chunk: int = 512
+  max_num_batched_tokens: int = 2048
+  max_window_seconds: float = 0.25
+  scheduler_policy: str = "budget"
   impl: str = "auto"
   mesh: str = "auto"
   kv_dtype: str = "model"
@@ -79,7 +62,8 @@ class EngineConfig:
       raise ValueError(f"psa_tau must be in (0, 1], got {self.psa_tau}")
     if self.dense_layers < 0:
       raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
-    for name in ("topk_blocks", "block_size", "max_batch", "max_context", "decode_window", "prefill_chunk"):
+    self.scheduler_config()  # validates the scheduler's fields
+    for name in ("topk_blocks", "block_size", "max_context"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.block_size & (self.block_size - 1) or not 16 <= self.block_size <= 128:
@@ -91,6 +75,12 @@ class EngineConfig:
       raise ValueError(f"layer_weights must be one of {LAYER_WEIGHTS}, got {self.layer_weights!r}")
     if self.mesh not in ("auto", "none"):
       MeshConfig.parse(self.mesh)  # validates the spelling
+
+
+  def scheduler_config(self) -> SchedulerConfig:
+    return SchedulerConfig(max_batch=self.max_batch, max_num_batched_tokens=self.max_num_batched_tokens,
+                           prefill_chunk=self.prefill_chunk, decode_window=self.decode_window,
+                           max_window_seconds=self.max_window_seconds, policy=self.scheduler_policy)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -1,8 +1,10 @@
 """The engine's two compiled device functions. Both donate the KV arena, so it is updated in place.
 
-  prefill_chunk: one sequence's span of prompt tokens into the arena; samples the token after the span.
-  decode_window: up to `num_steps` decode steps for the whole batch inside one `lax.while_loop`, stopping
-    early when every sequence is done. The host reads the window's tokens once, at the end.
+  prefill_chunk: spans of prompt tokens of a batch of sequences (ragged: each row has its own start and length)
+    into the arena; samples each row's token after its span.
+  decode_window: up to `limit` (at most `num_steps`) decode steps for the whole batch inside one
+    `lax.while_loop`, stopping early when every sequence is done. The host reads the window's tokens once, at
+    the end. `limit` is an argument, not a shape: the scheduler sizes each window without a new compile.
 
 Shapes are bucketed by the engine (batch B, block table width M, span T), so new requests reuse compiled code.
 `TRACES` counts traces per function: a trace is a compile, and tests assert that a warm engine does none.
@@ -44,7 +46,8 @@ def _host_readable(tree, mesh):
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("kv",))
 def prefill_chunk(graphdef, state, kv: PagedKV, tables, tokens, start, num, sampling: SamplingArrays, *,
                   mesh=None):
-  """tables [L, 1, M]; tokens [1, T]; start, num [1]. Returns (kv, next token [1])."""
+  """tables [L, B, M]; tokens [B, T]; start, num [B] (num 0: a padding row, which writes nothing).
+  Returns (kv, next token [B])."""
   TRACES["prefill_chunk"] += 1
   model = nnx.merge(graphdef, state)
   x, kv = model.prefill(tokens, start, num, kv, tables, mesh=mesh)
@@ -73,9 +76,10 @@ class WindowStats(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention", "num_steps", "mesh"),
                    donate_argnames=("kv",))
 def decode_window(graphdef, state, kv: PagedKV, tables, window: WindowState, stop_ids, sampling: SamplingArrays,
-                  tau, layers=None, *, attention, num_steps: int, mesh=None):
+                  tau, layers=None, limit=None, *, attention, num_steps: int, mesh=None):
   """tables [L, B, M]; stop_ids [B, K] (-1 padded); tau [B]; layers: None or `Decoder.split_layers()` (see
-  `Decoder.decode`). mesh: see psa_jax/models/parallel.py.
+  `Decoder.decode`); limit: [] int32 steps to run at most (None: num_steps). mesh: see
+  psa_jax/models/parallel.py.
 
   Returns (kv, tokens [num_steps, B] (-1 where a sequence emitted nothing), final WindowState, WindowStats,
   steps run []).
@@ -111,8 +115,9 @@ def decode_window(graphdef, state, kv: PagedKV, tables, window: WindowState, sto
 
   def cond(carry):
     i, _, w, _, _ = carry
-    return (i < num_steps) & jnp.any(w.active)
+    return (i < bound) & jnp.any(w.active)
 
+  bound = num_steps if limit is None else jnp.minimum(limit, num_steps)
   out = jnp.full((num_steps, b), -1, jnp.int32)
   zeros = jnp.zeros((num_layers,), jnp.float32)
   stats = WindowStats(zeros, zeros, jnp.float32(0), jnp.float32(0))
