@@ -33,6 +33,29 @@ def test_e2e_study_decodes_every_pair_from_one_prefill(tmp_path):
   assert (tmp_path / "out" / "e2e_float_batch2.png").exists()
 
 
+@pytest.mark.slow
+def test_serving_study_drives_a_real_server_at_every_concurrency(tmp_path):
+  from psa_jax.bench import serving
+
+  # --warmup=false: the server's own start-up warm-up compiles every shape up to --warmup_context, minutes with a
+  # cold compilation cache; the study's warm-up compiles the few this workload meets.
+  config = serving.ServingConfig(attentions=("psa",), schedulers=(), concurrencies=(1, 2), num_prompts=3,
+                                 prompt_tokens=64, output_tokens=8,
+                                 server_flags=("--max_context=512", "--kv_memory=256MiB", "--warmup=false"))
+  rows = serving.run(config, tmp_path)
+  saved = json.loads((tmp_path / "serving.json").read_text())["rows"]
+  assert saved == rows
+  assert [(r["attention"], r["concurrency"]) for r in saved] == [("psa", 1), ("psa", 2)]
+  for r in saved:
+    assert r["completed"] == 3 and r["failed"] == 0, r["errors"]
+    assert r["p50_ttft_ms"] > 0 and r["output_throughput"] > 0
+    assert r["p50_ttft_ms"] <= r["p50_e2el_ms"]
+    assert r["total_input_tokens"] == 3 * 64
+    assert r["compilations"] is not None  # read from the server's /metrics
+  assert (tmp_path / "serving.png").stat().st_size > 0
+  assert (tmp_path / "server_psa_default.log").stat().st_size > 0  # the server's output is kept
+
+
 def test_task_prompts_have_the_requested_length_and_hide_their_answer():
   from psa_jax.bench import tasks
 

@@ -96,13 +96,15 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_windows(model):
 
 
 @pytest.mark.slow
-def test_randomized_workload_returns_every_page(model):
+def test_randomized_workload_keeps_greedy_outputs_and_returns_every_page(model):
+  """Long and short prompts arriving while others decode, cancellations, and an arena small enough to force
+  preemptions: every greedy request still produces what it produces alone, and every page comes back."""
   rng = random.Random(0)
-  eng = engine(model, num_pages=40, max_batch=4, decode_window=4, prefill_chunk=32)
+  eng = engine(model, num_pages=40, max_batch=4, decode_window=4, prefill_chunk=32, max_num_batched_tokens=64)
   live = []
-  for i in range(120):
-    p = [rng.randrange(4, 256) for _ in range(rng.randint(1, 90))]
-    params = SamplingParams(max_tokens=rng.randint(1, 30), temperature=rng.choice([0.0, 0.7]), seed=i)
+  for i in range(50):
+    p = [rng.randrange(4, 256) for _ in range(rng.choice([rng.randint(1, 12), rng.randint(40, 120)]))]
+    params = SamplingParams(max_tokens=rng.randint(1, 24), temperature=rng.choice([0.0, 0.7]), seed=i)
     live.append(eng.submit(p, params, attention=rng.choice(["dense", "psa", "topk"]), tau=rng.uniform(0.5, 1.0)))
     if rng.random() < 0.15:
       eng.cancel(rng.choice(live).id)
@@ -115,12 +117,19 @@ def test_randomized_workload_returns_every_page(model):
   assert eng.counters["preempted"] > 0  # the small arena forced preemption
   assert eng.arena.free_pages == eng.arena.num_pages
   eng.arena.check_whole()
+  greedy = [r for r in live if r.finish_reason != "cancelled" and r.params.temperature == 0.0]
+  assert len(greedy) > 10
+  for r in greedy:
+    alone = generate(model, r.prompt, max_new_tokens=r.params.max_tokens, attention=eng.runner.backends[r.attention],
+                     tau=r.tau)
+    assert r.output == alone, (r.id, r.attention, r.preemptions)
 
 
-def test_preempted_requests_produce_the_same_greedy_text(model):
+@pytest.mark.parametrize("policy", ["budget", "serial"])
+def test_preempted_requests_produce_the_same_greedy_text(model, policy):
   ps = prompts(4, seed=6, lo=60, hi=80)
   roomy = engine(model).generate(ps, SamplingParams(max_tokens=40, stop_token_ids=()))
-  tight = engine(model, num_pages=2 * 2 * 8, decode_window=8)  # 2 layers: room for ~2 sequences
+  tight = engine(model, num_pages=2 * 2 * 8, decode_window=8, scheduler_policy=policy)  # room for ~2 sequences
   outs = tight.generate(ps, SamplingParams(max_tokens=40, stop_token_ids=()))
   assert tight.counters["preempted"] > 0
   assert outs == roomy

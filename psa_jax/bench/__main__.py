@@ -7,6 +7,8 @@
   --study=tasks     retrieval accuracy and perplexity against KV blocks read (study 3)
   --study=quality   KL to dense, top-1 agreement and needle retrieval against KV blocks read: PSA against top-k
   --study=sharding  decode tokens/s against device count on meshes (--host_devices forces CPU devices)
+  --study=serving   a real server under load over HTTP, like `vllm bench serve`: TTFT, TPOT, ITL, E2E latency and
+                    throughput at fixed concurrencies and Poisson request rates, per attention and scheduler
 Results: a table on stdout, a JSON file and PNG plots in --out_dir.
 """
 
@@ -17,9 +19,10 @@ import pathlib
 from absl import app, flags, logging
 
 from psa_jax.config import PSAConfig
-from psa_jax.bench import e2e, fidelity, kernel, peers, quality, sharding, tasks
+from psa_jax.bench import e2e, fidelity, kernel, peers, quality, serving, sharding, tasks
 
-_STUDY = flags.DEFINE_enum("study", "e2e", ["e2e", "peers", "kernel", "fidelity", "tasks", "quality", "sharding"],
+_STUDY = flags.DEFINE_enum("study", "e2e",
+                           ["e2e", "peers", "kernel", "fidelity", "tasks", "quality", "sharding", "serving"],
                            "Which study to run.")
 _OUT = flags.DEFINE_string("out_dir", "bench_results", "Where JSON results and PNG plots go.")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
@@ -55,6 +58,19 @@ _NEEDLE_TASKS = flags.DEFINE_list("needle_tasks", list(quality.NEEDLE_TASKS), "N
 _PEERS = flags.DEFINE_list("peers", list(peers.PeersConfig.peers), "Peers to measure (peers).")
 _MESHES = flags.DEFINE_list("meshes", list(sharding.ShardingConfig.meshes),
                             "Meshes to compare (sharding): 'none' or 'data=N,model=M'.")
+_CONCURRENCIES = flags.DEFINE_list("concurrencies", [str(c) for c in serving.ServingConfig.concurrencies],
+                                   "Requests in flight, one closed-loop level each (serving).")
+_RATES = flags.DEFINE_list("request_rates", [], "Poisson arrival rates in requests/s, one level each (serving).")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", serving.ServingConfig.num_prompts, "Requests per level (serving).")
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", serving.ServingConfig.prompt_tokens,
+                                      "Prompt length in tokens (serving).")
+_OUTPUT_TOKENS = flags.DEFINE_integer("output_tokens", serving.ServingConfig.output_tokens,
+                                      "Tokens generated per request (serving).")
+_SCHEDULERS = flags.DEFINE_list("schedulers", list(serving.ServingConfig.schedulers),
+                                "The servers' --scheduler values, one server each (serving); empty: no --scheduler.")
+_SERVER_FLAGS = flags.DEFINE_list(
+    "server_flags", [], "Flags for every server (serving), e.g. --server_flags=--max_context=2048,--max_batch=16; "
+    "quote one that holds a comma: '--server_flags=\"--mesh=data=2,model=4\"'.")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", None, "Force this many CPU devices (sharding; CPU only).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-host: host:port of process 0; every process runs the same command.")
@@ -105,6 +121,13 @@ def main(argv):
         attentions=tuple(_ATTENTIONS.value) if _ATTENTIONS.present else sharding.ShardingConfig.attentions,
         decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value)
     sharding.run(config, out)
+  elif _STUDY.value == "serving":
+    config = serving.ServingConfig(
+        model=_MODEL.value, attentions=tuple(_ATTENTIONS.value), schedulers=tuple(_SCHEDULERS.value),
+        concurrencies=tuple(int(c) for c in _CONCURRENCIES.value),
+        request_rates=tuple(float(r) for r in _RATES.value), num_prompts=_NUM_PROMPTS.value,
+        prompt_tokens=_PROMPT_TOKENS.value, output_tokens=_OUTPUT_TOKENS.value, server_flags=tuple(_SERVER_FLAGS.value))
+    serving.run(config, out)
   elif _STUDY.value == "fidelity":
     config = fidelity.FidelityConfig(model=_MODEL.value, context=int(contexts[0]) if contexts else 4096)
     fidelity.run(config, out)

@@ -74,6 +74,29 @@ def plot(path: pathlib.Path, title: str, xlabel: str, ylabel: str, series: dict[
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  _draw(ax, title, xlabel, ylabel, series, logx=logx, logy=logy)
+  return _save_figure(fig, path)
+
+
+def plot_panels(path: pathlib.Path, title: str, panels: Sequence[dict]) -> pathlib.Path:
+  """Several plots side by side in one file, two to a row. Each panel is a dict of `plot`'s arguments:
+  title, xlabel, ylabel, series and optionally logx, logy."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cols = min(2, len(panels))
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False)
+  for ax, panel in zip(axes.flat, panels):
+    _draw(ax, **panel)
+  for ax in axes.flat[len(panels):]:
+    ax.set_visible(False)
+  fig.suptitle(title)
+  return _save_figure(fig, path)
+
+
+def _draw(ax, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], *, logx: bool = False,
+          logy: bool = False) -> None:
   for label, (xs, ys) in series.items():
     ax.plot(xs, ys, marker="o", label=label)
   ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -83,6 +106,10 @@ def plot(path: pathlib.Path, title: str, xlabel: str, ylabel: str, series: dict[
     ax.set_yscale("log")
   ax.grid(alpha=0.3)
   ax.legend()
+
+
+def _save_figure(fig, path: pathlib.Path) -> pathlib.Path:
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
