@@ -9,6 +9,7 @@
   --study=sharding  decode tokens/s against device count on meshes (--host_devices forces CPU devices)
   --study=serving   a real server under load over HTTP, like `vllm bench serve`: TTFT, TPOT, ITL, E2E latency and
                     throughput at fixed concurrencies and Poisson request rates, per attention and scheduler
+  --study=startup   seconds to ready and to the first answer, cold (empty compilation cache) and warm (restart)
 Results: a table on stdout, a JSON file and PNG plots in --out_dir.
 """
 
@@ -19,10 +20,11 @@ import pathlib
 from absl import app, flags, logging
 
 from psa_jax.config import PSAConfig
-from psa_jax.bench import e2e, fidelity, kernel, peers, quality, serving, sharding, tasks
+from psa_jax.bench import e2e, fidelity, kernel, peers, quality, serving, sharding, startup, tasks
 
 _STUDY = flags.DEFINE_enum("study", "e2e",
-                           ["e2e", "peers", "kernel", "fidelity", "tasks", "quality", "sharding", "serving"],
+                           ["e2e", "peers", "kernel", "fidelity", "tasks", "quality", "sharding", "serving",
+                            "startup"],
                            "Which study to run.")
 _OUT = flags.DEFINE_string("out_dir", "bench_results", "Where JSON results and PNG plots go.")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
@@ -128,6 +130,8 @@ def main(argv):
         request_rates=tuple(float(r) for r in _RATES.value), num_prompts=_NUM_PROMPTS.value,
         prompt_tokens=_PROMPT_TOKENS.value, output_tokens=_OUTPUT_TOKENS.value, server_flags=tuple(_SERVER_FLAGS.value))
     serving.run(config, out)
+  elif _STUDY.value == "startup":
+    startup.run(startup.StartupConfig(model=_MODEL.value, server_flags=tuple(_SERVER_FLAGS.value)), out)
   elif _STUDY.value == "fidelity":
     config = fidelity.FidelityConfig(model=_MODEL.value, context=int(contexts[0]) if contexts else 4096)
     fidelity.run(config, out)

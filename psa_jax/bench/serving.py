@@ -4,9 +4,8 @@ scheduler) pair, driven over HTTP with streamed /v1/completions requests at fixe
 Per request (reported in ms):
   TTFT  from sending the request to the first SSE chunk with non-empty text (queueing plus the prompt's prefill).
   ITL   the gaps between successive chunks with text. The engine hands out a whole decode window's tokens at once
-        (up to the server's --decode_window, 16 by default), so on a CPU one chunk usually carries several tokens:
-        an ITL is the time between windows, not between tokens, and a request has about
-        output_tokens / decode_window of them.
+        (up to the server's --decode_window, cut short at --max_window_seconds), so one chunk may carry several
+        tokens: an ITL is the time between windows, not between tokens.
   TPOT  (E2EL - TTFT) / (output tokens - 1): the time per token after the first, with the output token count taken
         from the final usage chunk; requests with a single output token have none.
   E2EL  from sending the request to the end of its stream ([DONE]).
