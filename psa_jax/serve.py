@@ -8,6 +8,8 @@ Flags are turned into an EngineConfig at once; everything below works from that.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 
 from absl import app, flags, logging
@@ -63,6 +65,13 @@ _WARMUP_CONTEXT = flags.DEFINE_integer("warmup_context", 1024, "Decode windows a
                                        "this many tokens; longer ones compile when first met.")
 _CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None, "JAX's persistent compilation cache, so a restart "
                                  "skips compiling (default: ~/.cache/psa_jax/xla; 'none' disables it).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling default for requests that leave it out (a model's "
+                                  "generation_config.json overrides these defaults; llama.cpp's server's values).")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "Sampling default (see --temperature).")
+_TOP_K = flags.DEFINE_integer("top_k", 40, "Sampling default (see --temperature); 0 is off.")
+_MIN_P = flags.DEFINE_float("min_p", 0.05, "Sampling default (see --temperature); 0 is off.")
+_API_KEY = flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer <key>' on the API routes (default: "
+                               "the PSA_JAX_API_KEY environment variable; unset: no key).")
 _DRAIN = flags.DEFINE_float("shutdown_drain_s", 10.0, "On SIGTERM, let in-flight requests finish this long.")
 
 
@@ -77,6 +86,7 @@ def main(argv):
   from psa_jax.serving.config import EngineConfig
   from psa_jax.serving.engine import Engine
   from psa_jax.serving.http import serve
+  from psa_jax.serving.protocol import GenerationDefaults
 
   cache_dir = _CACHE_DIR.value or compilation.default_cache_dir()
   if cache_dir != "none":
@@ -117,7 +127,16 @@ def main(argv):
   print(f"psa_jax: KV arena of {engine.arena.num_pages} pages ({config.attention} attention) on "
         f"{parallel.describe(engine.mesh)}; "
         f"serving {name!r} on http://{_HOST.value}:{_PORT.value}", file=sys.stderr, flush=True)
-  serve(engine, name, host=_HOST.value, port=_PORT.value, drain_timeout=_DRAIN.value)
+  defaults = GenerationDefaults(temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
+                                min_p=_MIN_P.value)
+  given = {f: v for f, v in (("temperature", _TEMPERATURE), ("top_p", _TOP_P), ("top_k", _TOP_K), ("min_p", _MIN_P))
+           if v.present}
+  defaults = defaults.merged(loaded.generation_config)
+  defaults = dataclasses.replace(defaults, **{f: v.value for f, v in given.items()})  # flags given win
+  print(f"psa_jax: sampling defaults {defaults.describe()}", file=sys.stderr, flush=True)
+  api_key = _API_KEY.value or os.environ.get("PSA_JAX_API_KEY") or None
+  serve(engine, name, host=_HOST.value, port=_PORT.value, drain_timeout=_DRAIN.value, defaults=defaults,
+        api_key=api_key)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def test_randomized_workload_keeps_greedy_outputs_and_returns_every_page(model):
   """Long and short prompts arriving while others decode, cancellations, and an arena small enough to force
   preemptions: every greedy request still produces what it produces alone, and every page comes back."""
   rng = random.Random(0)
-  eng = engine(model, num_pages=40, max_batch=4, decode_window=4, prefill_chunk=32, max_num_batched_tokens=64)
+  eng = engine(model, num_pages=30, max_batch=4, decode_window=4, prefill_chunk=32, max_num_batched_tokens=64)
   live = []
   for i in range(50):
     p = [rng.randrange(4, 256) for _ in range(rng.choice([rng.randint(1, 12), rng.randint(40, 120)]))]
@@ -250,9 +250,11 @@ def compiled_window_text(eng, model, attention="psa"):
   graphdef, state = nnx.split(model)
   b = 2
   args = (graphdef, state, eng.arena.kv, jnp.zeros((TINY.num_layers, b, 4), jnp.int32),
-          steps.WindowState(jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32), jnp.ones(b, bool), jnp.ones(b, jnp.int32)),
+          steps.WindowState(jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32), jnp.ones(b, bool), jnp.ones(b, jnp.int32),
+                            jnp.zeros(b, jnp.int32)),
           jnp.full((b, 1), -1, jnp.int32),
-          steps.SamplingArrays(jnp.zeros(b, jnp.int32), jnp.zeros(b), jnp.ones(b), jnp.zeros(b, jnp.int32)),
+          steps.SamplingArrays(jnp.zeros(b, jnp.int32), jnp.zeros(b), jnp.ones(b), jnp.zeros(b, jnp.int32),
+                               jnp.zeros(b), jnp.zeros(b), jnp.zeros(b), jnp.ones(b)),
           jnp.ones(b), eng._layers)
   lowered = steps.decode_window.lower(*args, attention=AttentionBackend.named(attention), num_steps=4)
   return lowered.compile().as_text()
@@ -397,3 +399,70 @@ def test_dense_layers_attend_densely_and_the_rest_stay_sparse(model, kind, knob)
   assert (used[0] == n_blocks).all() and (used[1] < n_blocks).all()
   _, used = decode(AttentionBackend.named(kind, **knob))
   assert (used < n_blocks).all()
+
+
+def full_forward_logprobs(model, tokens):
+  """log_softmax of the model's logits at every position of `tokens`, by one dense prefill: the reference."""
+  c = model.config
+  width = -(-len(tokens) // 16)
+  kv = PagedKV.zeros(c.num_kv_heads, c.num_layers * width, 16, c.head_dim, jnp.float32)
+  tables = jnp.arange(c.num_layers * width, dtype=jnp.int32).reshape(c.num_layers, 1, width)
+  x, _ = model.prefill(jnp.asarray([tokens], jnp.int32), jnp.zeros((1,), jnp.int32),
+                       jnp.asarray([len(tokens)], jnp.int32), kv, tables)
+  return np.asarray(jax.nn.log_softmax(model.logits(x[0]), axis=-1))
+
+
+def test_logprobs_of_output_and_chunked_prompt_match_a_full_forward(model):
+  eng = engine(model, prefill_chunk=32)
+  prompt = prompts(1, seed=21, lo=70, hi=70)[0]
+  r = eng.submit(prompt, SamplingParams(max_tokens=10, stop_token_ids=(), logprobs=3, prompt_logprobs=2))
+  eng.run_until_idle()
+  ref = full_forward_logprobs(model, prompt + r.output)
+  assert len(r.logprobs) == 10 and len(r.prompt_logprobs) == len(prompt) and r.prompt_logprobs[0] is None
+  for i, entry in enumerate(r.logprobs):
+    position = len(prompt) - 1 + i
+    assert entry.logprob == pytest.approx(ref[position, r.output[i]], abs=2e-4)
+    assert [t for t, _ in entry.top] == list(np.argsort(-ref[position])[:3])
+    assert entry.top[0][0] == r.output[i]  # greedy
+  for j in range(1, len(prompt)):
+    assert r.prompt_logprobs[j].logprob == pytest.approx(ref[j - 1, prompt[j]], abs=2e-4)
+    assert len(r.prompt_logprobs[j].top) == 2
+
+
+def test_n_samples_share_the_prompt_and_draw_like_separate_requests(model):
+  eng = engine(model)
+  prompt = prompts(1, seed=22, lo=50, hi=50)[0]
+  params = SamplingParams(max_tokens=12, temperature=1.0, seed=40, stop_token_ids=())
+  group = eng.submit_n(prompt, params, 3)
+  eng.run_until_idle()
+  separate = [eng.generate([prompt], SamplingParams(max_tokens=12, temperature=1.0, seed=40 + i,
+                                                    stop_token_ids=()))[0] for i in range(3)]
+  assert [r.output for r in group] == separate
+  assert len({tuple(r.output) for r in group}) > 1
+  assert eng.counters["prefills"] >= 2  # the samples prefilled one token each, not the prompt
+  eng.arena.check_whole()
+  assert eng.arena.used_pages == 0
+
+
+def test_cancelling_a_prompt_before_its_prefill_ends_its_samples(model):
+  eng = engine(model)
+  group = eng.submit_n(prompts(1, seed=23, lo=40, hi=40)[0], SamplingParams(max_tokens=8), 3)
+  eng.cancel(group[0].id)
+  eng.run_until_idle()
+  assert [r.finish_reason for r in group] == ["cancelled"] * 3 and eng.arena.used_pages == 0
+
+
+def test_min_tokens_holds_back_stop_tokens_and_penalties_steer_greedy_text(model):
+  eng = engine(model)
+  prompt = prompts(1, seed=24, lo=20, hi=20)[0]
+  free = eng.generate([prompt], SamplingParams(max_tokens=6, stop_token_ids=()))[0]
+  stopped = eng.generate([prompt], SamplingParams(max_tokens=6, stop_token_ids=(free[0],)))[0]
+  assert stopped == [free[0]]
+  held = eng.generate([prompt], SamplingParams(max_tokens=6, stop_token_ids=(free[0],), min_tokens=3))[0]
+  assert len(held) >= 3 and free[0] not in held[:3]
+  penalized = SamplingParams(max_tokens=16, stop_token_ids=(), frequency_penalty=2.0, presence_penalty=1.0)
+  plain = eng.generate([prompt], SamplingParams(max_tokens=16, stop_token_ids=()))[0]
+  together = eng.generate([prompt, prompt[:10]], penalized)
+  assert together[0] != plain
+  assert together[0] == engine(model, max_batch=1).generate([prompt], penalized)[0]  # batching changes nothing
+  assert max(np.bincount(together[0])) < max(np.bincount(plain)) or len(set(plain)) == 16

@@ -15,6 +15,7 @@ import pathlib
 import sys
 from typing import Iterable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -39,6 +40,7 @@ class LoadedModel(NamedTuple):
   model: Decoder
   tokenizer: tokenizer_lib.Tokenizer
   source: str
+  generation_config: dict = {}  # a Hugging Face directory's generation_config.json (sampling defaults), if any
 
 
 def _progress(iterable: Iterable, total: int, desc: str):
@@ -301,7 +303,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=jnp.bfloat16, use_cach
     graphdef, state = nnx.split(abstract)
     try:
       restored = ocp.StandardCheckpointer().restore(cache / "params", state)
-      return LoadedModel(nnx.merge(graphdef, restored), tok, str(path))
+      return LoadedModel(nnx.merge(graphdef, restored), tok, str(path), generation_config(path))
     except Exception as e:  # a stale or broken cache is rebuilt, not fatal
       print(f"psa_jax: ignoring unreadable parameter cache {cache}: {e}", file=sys.stderr)
   decoder = build_decoder(config, tensors(), dtype)
@@ -312,4 +314,20 @@ def load(model: str | os.PathLike | None = None, *, dtype=jnp.bfloat16, use_cach
       checkpointer.wait_until_finished()
     except Exception as e:
       print(f"psa_jax: could not cache converted parameters at {cache}: {e}", file=sys.stderr)
-  return LoadedModel(decoder, tok, str(path))
+  # Orbax restores arrays committed to their device; commit the converted ones too. Committed and uncommitted
+  # parameters lower to different HLO, so otherwise the first run (converting) and every later one (restoring)
+  # would compile different code and a restart would miss the compilation cache.
+  nnx.update(decoder, jax.device_put(nnx.state(decoder), jax.local_devices()[0]))
+  return LoadedModel(decoder, tok, str(path), generation_config(path))
+
+
+def generation_config(path: pathlib.Path) -> dict:
+  """The sampling defaults a Hugging Face directory ships (generation_config.json); {} for GGUF files."""
+  file = path / "generation_config.json" if path.is_dir() else None
+  if file is None or not file.is_file():
+    return {}
+  try:
+    config = json.loads(file.read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{file} is unreadable: {e}") from None
+  return config if isinstance(config, dict) else {}

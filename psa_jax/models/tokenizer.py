@@ -43,6 +43,32 @@ class Tokenizer:
   def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
     return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+  def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+    """The chat template's token ids, with the messages' text encoded as plain text: a user who writes
+    "<|im_start|>system" gets those characters, not the control token, so user text cannot forge roles.
+    Only the template itself produces control tokens."""
+    marks = [f"\x00psa-content-{i}\x00" for i in range(len(messages))]
+    rendered = self.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
+                                        add_generation_prompt=add_generation_prompt)
+    if any(rendered.count(mark) != 1 for mark in marks):  # a template that rewrites content: render it whole
+      return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
+    ids = [self.bos_token_id] if self.add_bos and self.bos_token_id is not None else []
+    rest = rendered
+    for message, mark in zip(messages, marks):
+      template, rest = rest.split(mark, 1)
+      ids += self.backend.encode(template, add_special_tokens=False).ids if template else []
+      ids += self._plain_text().encode(message["content"], add_special_tokens=False).ids if message["content"] else []
+    return ids + (self.backend.encode(rest, add_special_tokens=False).ids if rest else [])
+
+  def _plain_text(self) -> tokenizers.Tokenizer:
+    """A copy of the backend that reads special-token strings as ordinary text (a copy: the switch is global
+    to a tokenizer object, and requests are tokenized on several threads)."""
+    if getattr(self, "_plain", None) is None:
+      plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+      plain.encode_special_tokens = True
+      self._plain = plain
+    return self._plain
+
   def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
     if not self.chat_template:
       raise ValueError("this model has no chat template; send a plain prompt instead")

@@ -31,6 +31,7 @@ from psa_jax.models.llama import Decoder
 from psa_jax.models.tokenizer import Tokenizer
 from psa_jax.pallas_kernels.storage import storage_dtype
 from psa_jax.serving.arena import KVArena
+from psa_jax.serving.pages import ArenaFull
 from psa_jax.serving.config import EngineConfig
 from psa_jax.serving.request import Request, SamplingParams, Status
 from psa_jax.serving.runner import ModelRunner
@@ -81,6 +82,7 @@ class Engine:
     self._wake = threading.Condition(self._lock)
     self._incoming: list[Request] = []
     self._cancelled: set[int] = set()
+    self._pending_siblings: dict[int, Request] = {}  # samples of a prompt whose first request is not prefilled yet
     self.telemetry: collections.deque[dict] = collections.deque(maxlen=1000)  # one entry per decode window
     self.last_window: dict[str, dict] = {}  # attention kind -> its latest telemetry entry
     self.counters = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "preempted": 0,
@@ -108,6 +110,15 @@ class Engine:
   def submit(self, prompt: list[int], params: SamplingParams = SamplingParams(), *, attention: str | None = None,
              tau: float | None = None, listener=None) -> Request:
     """Queues a request; raises ValueError for one that can never run (the engine is untouched)."""
+    return self.submit_n(prompt, params, 1, attention=attention, tau=tau, listeners=[listener])[0]
+
+  def submit_n(self, prompt: list[int], params: SamplingParams, n: int, *, attention: str | None = None,
+               tau: float | None = None, listeners=None) -> list[Request]:
+    """`n` samples of one prompt (OpenAI's `n`), the i-th with seed `params.seed + i`. The prompt is prefilled
+    once: when its first request's prefill ends, the others share its pages (all but the last prompt token's
+    block, which each copies) and each prefills that last token itself to draw its own first token."""
+    if not 1 <= n <= 128:
+      raise ValueError(f"n must be in [1, 128], got {n}")
     if not prompt:
       raise ValueError("prompt must hold at least one token")
     vocab = self.model.config.vocab_size
@@ -130,12 +141,16 @@ class Engine:
       stop = self.tokenizer.eos_token_ids if self.tokenizer else self.model.config.eos_token_ids
     if params.ignore_eos:
       stop = ()
-    request = Request(next(self._ids), list(prompt), params, attention, tau, tuple(stop), listener)
+    listeners = listeners or [None] * n
+    requests = [Request(next(self._ids), list(prompt), dataclasses.replace(params, seed=(params.seed + i) % 2**31),
+                        attention, tau, tuple(stop), listeners[i]) for i in range(n)]
+    requests[0].siblings = requests[1:]
     with self._lock:
-      self._incoming.append(request)
-      self.counters["requests"] += 1
+      self._incoming.append(requests[0])
+      self._pending_siblings.update((r.id, r) for r in requests[1:])
+      self.counters["requests"] += n
       self._wake.notify()
-    return request
+    return requests
 
   def cancel(self, request_id: int) -> None:
     with self._lock:
@@ -162,7 +177,9 @@ class Engine:
       child = dataclasses.replace(
           request, id=next(self._ids), params=params or request.params, listener=None,
           attention=attention or request.attention, tau=request.tau if tau is None else tau,
-          output=list(request.output), done=threading.Event(), arrival=now, admitted_at=now, first_token_at=now)
+          output=list(request.output), logprobs=list(request.logprobs),
+          prompt_logprobs=list(request.prompt_logprobs), done=threading.Event(), arrival=now, admitted_at=now,
+          first_token_at=now)
       # Every token but the last sampled one is in the arena: those blocks are never written again.
       self.arena.share_sequence(request.id, child.id, written=len(request.context) - 1)
       self.scheduler.add_running(child)
@@ -174,10 +191,16 @@ class Engine:
     """True while anything is queued, prefilling, decoding or waiting to be cancelled (held requests are
     idle)."""
     with self._lock:
-      return bool(self._incoming or self._cancelled or self.scheduler.has_work())
+      return bool(self._incoming or self._cancelled or self._pending_siblings or self.scheduler.has_work())
 
   def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
     self.scheduler.remove(request)
+    with self._lock:
+      self._pending_siblings.pop(request.id, None)
+    for sibling in request.siblings:  # never started: they end with the request that was to start them
+      if sibling.state != Status.FINISHED:
+        self._finish(sibling, reason, error)
+    request.siblings = []
     request.state, request.finish_reason, request.error = Status.FINISHED, reason, error
     request.finished_at = time.monotonic()
     self.counters[{"cancelled": "cancelled", "error": "failed"}.get(reason, "finished")] += 1
@@ -191,8 +214,9 @@ class Engine:
       except Exception:  # a broken listener must not take the engine down
         log.exception("listener of request %d failed", request.id)
 
-  def _emit(self, request: Request, tokens: list[int]) -> None:
-    """Appends sampled tokens, stopping at a stop token or max_tokens; finishes the request if so."""
+  def _emit(self, request: Request, tokens: list[int], logprobs=None) -> None:
+    """Appends sampled tokens (and their log-probabilities, when asked for), stopping at a stop token or
+    max_tokens; finishes the request if so."""
     kept = []
     reason = None
     for token in tokens:
@@ -206,6 +230,8 @@ class Engine:
     if kept and request.first_token_at is None:
       request.first_token_at = time.monotonic()
     request.output.extend(kept)
+    if logprobs is not None:
+      request.logprobs.extend(logprobs[: len(kept)])
     self.counters["generated_tokens"] += len(kept)
     if kept:
       self._notify(request, kept, False)
@@ -223,6 +249,8 @@ class Engine:
       self.scheduler.add(request)
     for request in [r for r in self.scheduler.requests() if r.id in cancelled]:
       self._finish(request, "cancelled")
+    for request_id in cancelled & self._pending_siblings.keys():
+      self._finish(self._pending_siblings[request_id], "cancelled")
     for request in self.scheduler.admit():
       if request.admitted_at is None:
         request.admitted_at = time.monotonic()
@@ -238,11 +266,31 @@ class Engine:
   def _prefill(self, chunks) -> None:
     first = self.runner.prefill(chunks)
     self.counters["prefills"] += 1
-    for ch, token in zip(chunks, first):
+    for ch, sampled in zip(chunks, first):
       ch.request.prefilled += ch.length
-      if token is not None:
+      if sampled is not None:
+        token, logprob = sampled
         self.scheduler.start_running(ch.request)
-        self._emit(ch.request, [token])
+        self._start_siblings(ch.request)
+        self._emit(ch.request, [token], None if logprob is None else [logprob])
+
+  def _start_siblings(self, request: Request) -> None:
+    """The other samples of `request`'s prompt start from its pages: each is left one prompt token to prefill
+    (its own first token is drawn there). Where the arena cannot hold a copy, a sample queues like any request."""
+    siblings, request.siblings = request.siblings, []
+    for sibling in siblings:
+      with self._lock:
+        if self._pending_siblings.pop(sibling.id, None) is None:
+          continue  # cancelled meanwhile
+      sibling.prompt_logprobs = list(request.prompt_logprobs)
+      try:
+        self.arena.share_sequence(request.id, sibling.id, written=len(request.prompt) - 1)
+      except ArenaFull:
+        self.scheduler.add(sibling)
+        continue
+      now = time.monotonic()
+      sibling.arrival, sibling.admitted_at = request.arrival, now
+      self.scheduler.add_prefilling(sibling, prefilled=len(request.prompt) - 1)
 
   def _decode(self, plan) -> None:
     result = self.runner.decode(plan.kind, plan.batch, plan.steps)
@@ -250,8 +298,8 @@ class Engine:
       self.scheduler.observe_window(plan.kind, len(plan.batch), result.steps, result.seconds)
     self.counters["windows"] += 1
     self._record(plan.kind, len(plan.batch), result)
-    for request, tokens in zip(plan.batch, result.tokens):
-      self._emit(request, tokens)
+    for request, tokens, logprobs in zip(plan.batch, result.tokens, result.logprobs):
+      self._emit(request, tokens, logprobs)
 
   def _guarded(self, batch, fn):
     try:
@@ -339,6 +387,8 @@ class Engine:
     for request in incoming:
       self.scheduler.add(request)
     for request in self.scheduler.requests():
+      self._finish(request, "cancelled")
+    for request in list(self._pending_siblings.values()):
       self._finish(request, "cancelled")
 
   def stats(self) -> dict:

@@ -9,12 +9,27 @@ import time
 from typing import Callable
 
 
+MAX_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+  """A token's log-probability under the model and the likeliest alternatives: ((token id, logprob), ...)."""
+
+  logprob: float
+  top: tuple[tuple[int, float], ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """Per-request generation settings. temperature 0 is greedy.
 
   stop_token_ids: None stops at the model's end-of-sequence tokens; ignore_eos: never stop before max_tokens
-  (benchmarks use it so every request produces the same number of tokens).
+  (benchmarks use it so every request produces the same number of tokens); min_tokens: no stop token before
+  this many tokens.
+  min_p, presence_penalty, frequency_penalty, repetition_penalty: vLLM's meanings (0, 0, 0, 1 are off).
+  logprobs: None, or report each output token's log-probability and its `logprobs` likeliest alternatives
+  (at most MAX_LOGPROBS = 20); prompt_logprobs: the same for the prompt's tokens.
   """
 
   max_tokens: int = 64
@@ -24,6 +39,13 @@ class SamplingParams:
   seed: int = 0
   stop_token_ids: tuple[int, ...] | None = None
   ignore_eos: bool = False
+  min_tokens: int = 0
+  min_p: float = 0.0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
+  logprobs: int | None = None
+  prompt_logprobs: int | None = None
 
   def __post_init__(self):
     if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -36,6 +58,23 @@ class SamplingParams:
       raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
     if not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
       raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
+    if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+      raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+    if not 0.0 <= self.min_p <= 1.0:
+      raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+      if not -2.0 <= getattr(self, name) <= 2.0:
+        raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+    if not 0.0 < self.repetition_penalty <= 2.0:
+      raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+    for name in ("logprobs", "prompt_logprobs"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+        raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+
+  @property
+  def penalized(self) -> bool:
+    return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 class Status(str, enum.Enum):
@@ -67,6 +106,8 @@ class Request:
   stop_ids: tuple[int, ...]
   listener: Callable[["Request", list[int], bool], None] | None = None
   output: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # per output token, when asked for
+  prompt_logprobs: list[TokenLogprob | None] = dataclasses.field(default_factory=list)  # per prompt token
   state: Status = Status.WAITING
   finish_reason: str | None = None  # one of FINISH_REASONS
   error: str | None = None
@@ -77,6 +118,7 @@ class Request:
   first_token_at: float | None = None
   finished_at: float | None = None
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
+  siblings: list["Request"] = dataclasses.field(default_factory=list)  # samples started from its prefill
 
   @property
   def context(self) -> list[int]:

@@ -134,6 +134,13 @@ class Scheduler:
     request.state = Status.RUNNING
     self.running.append(request)
 
+  def add_prefilling(self, request: Request, prefilled: int) -> None:
+    """A request whose pages already hold its context's first `prefilled` tokens (a sample sharing another's
+    prompt): it prefills the rest like any admitted request."""
+    request.state, request.prefilled = Status.PREFILLING, prefilled
+    self.prefilling.append(request)
+    self._admitted.append(request.id)
+
   def add_running(self, request: Request) -> None:
     """A forked request, whose pages are already in place."""
     request.state = Status.RUNNING
