@@ -118,8 +118,9 @@ def test_randomized_workload_keeps_greedy_outputs_and_returns_every_page(model):
   assert eng.arena.free_pages == eng.arena.num_pages
   eng.arena.check_whole()
   greedy = [r for r in live if r.finish_reason != "cancelled" and r.params.temperature == 0.0]
-  assert len(greedy) > 10
-  for r in greedy:
+  assert len(greedy) > 10 and any(r.preemptions for r in greedy)
+  # Each comparison compiles `generate` for its lengths: a dozen, the preempted ones first, are enough.
+  for r in sorted(greedy, key=lambda r: -r.preemptions)[:12]:
     alone = generate(model, r.prompt, max_new_tokens=r.params.max_tokens, attention=eng.runner.backends[r.attention],
                      tau=r.tau)
     assert r.output == alone, (r.id, r.attention, r.preemptions)
@@ -136,9 +137,9 @@ def test_preempted_requests_produce_the_same_greedy_text(model, policy):
 
 
 def test_a_warmed_up_engine_compiles_nothing_on_a_mixed_workload(model):
-  eng = engine(model, attention="psa", max_batch=4, decode_window=4, prefill_chunk=128, max_context=256)
+  eng = engine(model, attention="psa", max_batch=2, decode_window=4, prefill_chunk=128, max_context=256)
   report = eng.warmup()
-  assert report["shapes"] == 4 * 3 + 3 * 2  # prefill spans 16-128 x rows 1-4; decode rows 1-4 x widths 8, 16
+  assert report["shapes"] == 4 * 2 + 2 * 2  # prefill spans 16-128 x rows 1-2; decode rows 1-2 x widths 8, 16
   warm = dict(steps.TRACES)
   eng.generate(prompts(7, seed=9, lo=1, hi=100), SamplingParams(max_tokens=20, stop_token_ids=()))
   eng.generate(prompts(2, seed=10, lo=1, hi=100), SamplingParams(max_tokens=24), tau=0.7)

@@ -43,10 +43,10 @@ def test_banned_tokens_are_never_chosen_where_the_ban_holds():
 def test_min_p_keeps_only_tokens_within_its_ratio_of_the_likeliest():
   x = jnp.asarray([[2.0, 1.9, 1.5, 0.0, -1.0] + [-3.0] * (V - 5)], jnp.float32)
   allowed = {0, 1, 2}  # within 0.2 of the likeliest: exp(-0.1), exp(-0.5); exp(-2) and below are not
-  drawn = set()
-  for seed in range(200):
-    drawn.add(int(sample(x, jnp.array([seed]), jnp.array([0]), jnp.array([1.0]), jnp.array([1.0]), jnp.array([0]),
-                         jnp.array([0.2]))[0]))
+  seeds = jnp.arange(200)
+  draw = jax.jit(jax.vmap(lambda s: sample(x, s[None], jnp.array([0]), jnp.array([1.0]), jnp.array([1.0]),
+                                           jnp.array([0]), jnp.array([0.2]))[0]))
+  drawn = set(np.asarray(draw(seeds)).tolist())
   assert drawn <= allowed and len(drawn) > 1
 
 
