@@ -46,7 +46,7 @@ def engine(model, **kw):
 # their float32 values in test_attention).
 @pytest.mark.parametrize("attention,tau,kv_dtype", [("dense", None, "model"), ("psa", 1.0, "bfloat16")])
 def test_batched_greedy_output_equals_generate_alone(model, attention, tau, kv_dtype):
-  ps = prompts(6, seed=1)
+  ps = prompts(4, seed=1)
   eng = engine(model, attention=attention, kv_dtype=kv_dtype)
   outs = eng.generate(ps, SamplingParams(max_tokens=20), tau=tau)
   for p, out in zip(ps, outs):
@@ -102,7 +102,7 @@ def test_randomized_workload_keeps_greedy_outputs_and_returns_every_page(model):
   rng = random.Random(0)
   eng = engine(model, num_pages=30, max_batch=4, decode_window=4, prefill_chunk=32, max_num_batched_tokens=64)
   live = []
-  for i in range(50):
+  for i in range(40):
     p = [rng.randrange(4, 256) for _ in range(rng.choice([rng.randint(1, 12), rng.randint(40, 120)]))]
     params = SamplingParams(max_tokens=rng.randint(1, 24), temperature=rng.choice([0.0, 0.7]), seed=i)
     live.append(eng.submit(p, params, attention=rng.choice(["dense", "psa", "topk"]), tau=rng.uniform(0.5, 1.0)))
@@ -118,9 +118,9 @@ def test_randomized_workload_keeps_greedy_outputs_and_returns_every_page(model):
   assert eng.arena.free_pages == eng.arena.num_pages
   eng.arena.check_whole()
   greedy = [r for r in live if r.finish_reason != "cancelled" and r.params.temperature == 0.0]
-  assert len(greedy) > 10 and any(r.preemptions for r in greedy)
-  # Each comparison compiles `generate` for its lengths: a dozen, the preempted ones first, are enough.
-  for r in sorted(greedy, key=lambda r: -r.preemptions)[:12]:
+  assert len(greedy) > 8 and any(r.preemptions for r in greedy)
+  # Each comparison compiles `generate` for its lengths: eight, the preempted ones first, are enough.
+  for r in sorted(greedy, key=lambda r: -r.preemptions)[:8]:
     alone = generate(model, r.prompt, max_new_tokens=r.params.max_tokens, attention=eng.runner.backends[r.attention],
                      tau=r.tau)
     assert r.output == alone, (r.id, r.attention, r.preemptions)

@@ -138,11 +138,17 @@ def test_tiny_safetensors_models_match_transformers(tmp_path, arch, rope_scaling
   assert loaded.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]).endswith("assistant\n")
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+  """One tiny Hugging Face Llama for the GGUF writer tests (building it is most of such a test's time)."""
+  return tiny_models.save_tiny_hf(tmp_path_factory.mktemp("hf"), "llama")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("qtype,rel", [("F32", 1e-5), ("F16", 3e-3), ("BF16", 2e-2), ("Q8_0", 2e-2),
                                        ("Q4_0", 0.3), ("Q4_1", 0.3)])
-def test_gguf_dequantizes_and_unpermutes_like_the_writer(tmp_path, qtype, rel):
-  hf = tiny_models.save_tiny_hf(tmp_path / "hf", "llama")
+def test_gguf_dequantizes_and_unpermutes_like_the_writer(tmp_path, tiny_llama, qtype, rel):
+  hf = tiny_llama
   stored = tiny_models.write_tiny_gguf(tmp_path / "m.gguf", hf, qtype=qtype)
   config, _, tensors = checkpoint.read_gguf(tmp_path / "m.gguf")
   got = dict(tensors())
