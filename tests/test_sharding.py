@@ -34,6 +34,9 @@ def _start(scenario: str, devices: int | None = 8, **kwargs) -> subprocess.Popen
           f"print('RESULT ' + json.dumps(t.{scenario}(**{kwargs!r})))")
   env = dict(os.environ, PSA_JAX_QUIET="1")
   env.pop("XLA_FLAGS", None)
+  # Not the run's shared compilation cache: two processes of one multi-host run that meet it in different
+  # states (one loads a program, the other compiles it) were seen to hang in step.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -165,7 +168,7 @@ def test_default_model_greedy_text_is_the_same_on_every_mesh():
   # Its 3 KV heads allow model=3 at most; data axes and wider model axes are covered by the wide model above (the
   # 135M model costs ~20 s per mesh on two cores).
   meshes = ["none", "model=3"]
-  results = _in_subprocess("_scenario_default_model", meshes=meshes)
+  results = _in_subprocess("_scenario_default_model", devices=3, meshes=meshes)
   for mesh in meshes[1:]:
     assert results[mesh] == results["none"], mesh
   assert all(len(tokens) == 6 for tokens in results["none"]["dense"])
