@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Sequence
 
 import jinja2
@@ -33,6 +34,29 @@ class Tokenizer:
 
   def token(self, token_id: int) -> str:
     return self.backend.id_to_token(token_id)
+
+  def token_bytes(self) -> list[bytes | None]:
+    """Each token id's bytes as it adds them to the text (None for special tokens, which are not text): what a
+    grammar over bytes needs to know of the vocabulary. Byte-level BPE (GPT-2, Llama 3, Qwen) and SentencePiece
+    style (a "\u2581" space and <0xNN> byte tokens) vocabularies."""
+    if getattr(self, "_token_bytes", None) is None:
+      decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+      kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
+      special = set(self.backend.get_added_tokens_decoder())
+      unicode_to_byte = _byte_level_alphabet()
+      table: list[bytes | None] = []
+      for i in range(self.vocab_size):
+        piece = self.backend.id_to_token(i)
+        if i in special or piece is None:
+          table.append(None)
+        elif "ByteLevel" in kinds:
+          table.append(bytes(unicode_to_byte[c] for c in piece) if all(c in unicode_to_byte for c in piece) else None)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+          table.append(bytes([int(piece[3:5], 16)]))
+        else:
+          table.append(piece.replace("\u2581", " ").encode("utf-8"))
+      self._token_bytes = table
+    return self._token_bytes
 
   def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
     ids = self.backend.encode(text, add_special_tokens=False).ids
@@ -82,6 +106,19 @@ class Tokenizer:
     return env.from_string(self.chat_template).render(
         messages=list(messages), add_generation_prompt=add_generation_prompt,
         bos_token=tok(self.bos_token_id) or "", eos_token=tok(self.eos_token_ids[0]) if self.eos_token_ids else "")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+  """GPT-2's byte-level BPE spells each byte as a printable character; this maps the characters back."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+               *range(ord("\u00ae"), ord("\u00ff") + 1)]
+  chars = {b: b for b in printable}
+  shifted = 0
+  for b in range(256):
+    if b not in chars:
+      chars[b] = 256 + shifted
+      shifted += 1
+  return {chr(c): b for b, c in chars.items()}
 
 
 def from_gguf_metadata(meta: dict) -> Tokenizer:

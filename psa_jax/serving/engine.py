@@ -140,7 +140,11 @@ class Engine:
     if stop is None:
       stop = self.tokenizer.eos_token_ids if self.tokenizer else self.model.config.eos_token_ids
     if params.ignore_eos:
+      if params.grammar is not None:
+        raise ValueError("ignore_eos cannot be combined with constrained output, which ends at end-of-sequence")
       stop = ()
+    if params.grammar is not None and params.grammar.vocab != self.model.config.vocab_size:
+      raise ValueError("the grammar was compiled for another vocabulary")
     listeners = listeners or [None] * n
     requests = [Request(next(self._ids), list(prompt), dataclasses.replace(params, seed=(params.seed + i) % 2**31),
                         attention, tau, tuple(stop), listeners[i]) for i in range(n)]

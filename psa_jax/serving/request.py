@@ -6,7 +6,10 @@ import dataclasses
 import enum
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+  from psa_jax.serving.grammar import TokenAutomaton
 
 
 MAX_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit)
@@ -30,6 +33,8 @@ class SamplingParams:
   min_p, presence_penalty, frequency_penalty, repetition_penalty: vLLM's meanings (0, 0, 0, 1 are off).
   logprobs: None, or report each output token's log-probability and its `logprobs` likeliest alternatives
   (at most MAX_LOGPROBS = 20); prompt_logprobs: the same for the prompt's tokens.
+  grammar: a token automaton the output must follow (JSON schema, regex, choice); its accepting states end the
+  request with the end-of-sequence token.
   """
 
   max_tokens: int = 64
@@ -46,6 +51,7 @@ class SamplingParams:
   repetition_penalty: float = 1.0
   logprobs: int | None = None
   prompt_logprobs: int | None = None
+  grammar: "TokenAutomaton | None" = None  # psa_jax/serving/grammar.py; None: free text
 
   def __post_init__(self):
     if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -112,6 +118,7 @@ class Request:
   finish_reason: str | None = None  # one of FINISH_REASONS
   error: str | None = None
   prefilled: int = 0  # tokens of prompt + output already in the arena during a prefill
+  grammar_state: int = 0  # where the output so far left params.grammar
   preemptions: int = 0
   arrival: float = dataclasses.field(default_factory=time.monotonic)
   admitted_at: float | None = None  # first admission: the end of its queue time

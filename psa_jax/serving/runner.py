@@ -23,6 +23,7 @@ from psa_jax.models import parallel
 from psa_jax.models.llama import Decoder
 from psa_jax.serving import steps
 from psa_jax.serving.arena import KVArena
+from psa_jax.serving.grammar import GrammarTable
 from psa_jax.serving.request import Request, TokenLogprob
 from psa_jax.serving.scheduler import MIN_SPAN, Chunk, bucket
 
@@ -50,6 +51,7 @@ class ModelRunner:
     self.mesh = mesh
     self._graphdef, self._state = nnx.split(model)
     self._layers = model.split_layers() if split_layers else None  # see psa_jax/models/llama.py
+    self.grammars = GrammarTable(model.config.vocab_size)
     self.host_reads = 0
 
   @staticmethod
@@ -94,6 +96,10 @@ class ModelRunner:
       seen[row, np.asarray(r.prompt)] = True
     return steps.Penalties(jnp.asarray(counts), jnp.asarray(seen))
 
+  def _constraint(self, requests: list[Request], size: int):
+    return self.grammars.constraint([r.params.grammar for r in requests], [r.grammar_state for r in requests],
+                                    size)
+
   @staticmethod
   def _num_logprobs(requests: list[Request]) -> int:
     return steps.LOGPROBS_K if any(r.params.logprobs is not None for r in requests) else 0
@@ -107,18 +113,19 @@ class ModelRunner:
 
   # The two calls, spelled once: the warm-up must make exactly the calls requests make (the same arguments,
   # positional and keyword) or jit's cache would not recognise them.
-  def _run_prefill(self, tables, tokens, start, num, sampling, stop, min_left, penalties, targets, num_logprobs,
-                   prompt_logprobs):
+  def _run_prefill(self, tables, tokens, start, num, sampling, stop, min_left, penalties, targets, constraint,
+                   num_logprobs, prompt_logprobs):
     self.arena.kv, *out = steps.prefill_chunk(
         self._graphdef, self._state, self.arena.kv, tables, tokens, start, num, sampling, stop, min_left, penalties,
-        targets, mesh=self.mesh, num_logprobs=num_logprobs, prompt_logprobs=prompt_logprobs)
+        targets, constraint, mesh=self.mesh, num_logprobs=num_logprobs, prompt_logprobs=prompt_logprobs)
     return out
 
-  def _run_decode(self, kind, tables, window, stop, sampling, tau, limit, penalties, num_logprobs):
-    self.arena.kv, out, _, stats, n, lp = steps.decode_window(
+  def _run_decode(self, kind, tables, window, stop, sampling, tau, limit, penalties, constraint, num_logprobs):
+    self.arena.kv, out, _, stats, n, lp, grammar_state = steps.decode_window(
         self._graphdef, self._state, self.arena.kv, tables, window, stop, sampling, tau, self._layers, limit,
-        penalties, attention=self.backends[kind], num_steps=self.window, mesh=self.mesh, num_logprobs=num_logprobs)
-    return out, stats, n, lp
+        penalties, constraint, attention=self.backends[kind], num_steps=self.window, mesh=self.mesh,
+        num_logprobs=num_logprobs)
+    return out, stats, n, lp, grammar_state
 
   def prefill_shape(self, chunks: list[Chunk]) -> tuple[int, int, int]:
     """(rows, span, table width) of the call that prefills these chunks."""
@@ -147,13 +154,14 @@ class ModelRunner:
     ids = [ch.request.id for ch in chunks] + [None] * (rows - len(chunks))
     prompt_lp = any(r.params.prompt_logprobs is not None for r in requests)
     num_logprobs = self._num_logprobs(requests)
-    sampled, token_lp, prompt = self._run_prefill(
+    sampled, token_lp, prompt, grammar_state = self._run_prefill(
         jnp.asarray(self.arena.block_tables(ids, width)), jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(num),
         self._sampling(requests, rows), self._stop_ids(requests, rows), self._min_left(requests, rows),
-        self._penalties(requests, rows), jnp.asarray(targets) if prompt_lp else None, num_logprobs, prompt_lp)
+        self._penalties(requests, rows), jnp.asarray(targets) if prompt_lp else None,
+        self._constraint(requests, rows), num_logprobs, prompt_lp)
     if not any(ch.last for ch in chunks) and not prompt_lp:
       return [None] * len(chunks)
-    sampled, token_lp, prompt = jax.device_get((sampled, token_lp, prompt))
+    sampled, token_lp, prompt, grammar_state = jax.device_get((sampled, token_lp, prompt, grammar_state))
     self.host_reads += 1
     results = []
     for row, ch in enumerate(chunks):
@@ -164,6 +172,7 @@ class ModelRunner:
         for t in range(min(ch.length, len(ch.request.prompt) - 1 - ch.start)):
           ch.request.prompt_logprobs.append(self._token_logprob(prompt, (row, t), n_prompt))
       if ch.last:
+        self._follow_grammar(ch.request, grammar_state, row)
         lp = self._token_logprob(token_lp, row, ch.request.params.logprobs) if token_lp is not None else None
         results.append((int(sampled[row]), lp))
       else:
@@ -189,20 +198,28 @@ class ModelRunner:
     tau = jnp.asarray(np.array([r.tau for r in batch] + [1.0] * pad, np.float32))
     traces = steps.TRACES["decode_window"]
     began = time.perf_counter()
-    out, stats, n, lp = self._run_decode(
+    out, stats, n, lp, grammar_state = self._run_decode(
         kind, jnp.asarray(self.arena.block_tables(ids, width)), window, self._stop_ids(batch, size),
-        self._sampling(batch, size), tau, jnp.int32(limit), self._penalties(batch, size), self._num_logprobs(batch))
-    out, stats, n, lp = jax.device_get((out, stats, n, lp))  # the window's one host read
+        self._sampling(batch, size), tau, jnp.int32(limit), self._penalties(batch, size),
+        self._constraint(batch, size), self._num_logprobs(batch))
+    # the window's one host read
+    out, stats, n, lp, grammar_state = jax.device_get((out, stats, n, lp, grammar_state))
     seconds = time.perf_counter() - began
     self.host_reads += 1
     n = int(n)
     tokens, logprobs = [], []
     for row, r in enumerate(batch):
+      self._follow_grammar(r, grammar_state, row)
       steps_taken = [i for i in range(n) if out[i, row] >= 0]
       tokens.append([int(out[i, row]) for i in steps_taken])
       logprobs.append([self._token_logprob(lp, (i, row), r.params.logprobs) for i in steps_taken]
                       if lp is not None and r.params.logprobs is not None else None)
     return WindowResult(tokens, logprobs, n, seconds, steps.TRACES["decode_window"] != traces, stats)
+
+  def _follow_grammar(self, request: Request, grammar_state, row: int) -> None:
+    """Stores where the device left the request's automaton (global state id back to the automaton's own)."""
+    if request.params.grammar is not None:
+      request.grammar_state = int(grammar_state[row]) - self.grammars.offset(request.params.grammar)
 
   def arena_lost(self) -> bool:
     """A failed call that had the arena donated leaves it deleted."""
@@ -244,10 +261,10 @@ class ModelRunner:
     if shape[0] == "prefill":
       _, rows, span, width = shape
       out = self._run_prefill(i32(layers, rows, width), i32(rows, span), i32(rows), i32(rows), self._sampling([], rows),
-                              no_stops(rows), i32(rows), None, None, 0, False)
+                              no_stops(rows), i32(rows), None, None, None, 0, False)
     else:
       _, size, width, kind = shape
       window = steps.WindowState(i32(size), i32(size), jnp.zeros(size, bool), i32(size), i32(size))
       out = self._run_decode(kind, i32(layers, size, width), window, no_stops(size), self._sampling([], size),
-                             jnp.ones(size, jnp.float32), jnp.int32(0), None, 0)
+                             jnp.ones(size, jnp.float32), jnp.int32(0), None, None, 0)
     jax.block_until_ready(out)

@@ -7,7 +7,8 @@
     the end. `limit` is an argument, not a shape: the scheduler sizes each window without a new compile.
 
 Sampling is whole on device (psa_jax/models/sampling.py): penalties carry their token counts through the window,
-min_tokens bans stop tokens until enough are out, and log-probabilities come back with the tokens. Penalties and
+min_tokens bans stop tokens until enough are out, grammars (grammar.py) mask what the output may not say and
+follow each sampled token, and log-probabilities come back with the tokens. Penalties and
 log-probabilities are static switches (`Penalties` present or None, `num_logprobs`): a batch that asks for
 neither runs the plain step.
 
@@ -28,6 +29,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from psa_jax.models.kv_pages import PagedKV
 from psa_jax.models.sampling import ban, logprobs, penalize, sample
+from psa_jax.serving import grammar
+from psa_jax.serving.grammar import Constraint
 from psa_jax.serving.request import MAX_LOGPROBS
 
 TRACES: collections.Counter = collections.Counter()
@@ -70,13 +73,17 @@ def _host_readable(tree, mesh):
   return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec()))
 
 
-def _choose(logits, sampling: SamplingArrays, positions, penalties, stop_ids, min_left):
+def _choose(logits, sampling: SamplingArrays, positions, penalties, stop_ids, min_left, constraint):
   """The sampled tokens [B] from raw logits [B, V]."""
   if penalties is not None:
     logits = penalize(logits, penalties.counts, penalties.prompt_seen, sampling.presence, sampling.frequency,
                       sampling.repetition)
+  logits = grammar.constrain(logits, constraint)
   # Most batches have no min_tokens left to honour: skip the [B, V] mask on device then.
-  logits = jax.lax.cond(jnp.any(min_left > 0), lambda: ban(logits, stop_ids, min_left > 0), lambda: logits)
+  banned = jax.lax.cond(jnp.any(min_left > 0), lambda: ban(logits, stop_ids, min_left > 0), lambda: logits)
+  if constraint is not None:  # where the grammar allows only a stop token, the grammar wins over min_tokens
+    banned = jnp.where(jnp.any(banned > -jnp.inf, axis=-1, keepdims=True), banned, logits)
+  logits = banned
   return sample(logits, sampling.seed, positions, sampling.temperature, sampling.top_p, sampling.top_k,
                 sampling.min_p)
 
@@ -84,13 +91,15 @@ def _choose(logits, sampling: SamplingArrays, positions, penalties, stop_ids, mi
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "num_logprobs", "prompt_logprobs"),
                    donate_argnames=("kv",))
 def prefill_chunk(graphdef, state, kv: PagedKV, tables, tokens, start, num, sampling: SamplingArrays,
-                  stop_ids=None, min_left=None, penalties: Penalties | None = None, targets=None, *, mesh=None,
-                  num_logprobs: int = 0, prompt_logprobs: bool = False):
+                  stop_ids=None, min_left=None, penalties: Penalties | None = None, targets=None,
+                  constraint: Constraint | None = None, *, mesh=None, num_logprobs: int = 0,
+                  prompt_logprobs: bool = False):
   """tables [L, B, M]; tokens [B, T]; start, num [B] (num 0: a padding row, which writes nothing); stop_ids
   [B, K] and min_left [B] (stop tokens are banned where min_left > 0); targets [B, T]: the token after each
-  position (-1 where none), for prompt_logprobs.
+  position (-1 where none), for prompt_logprobs; constraint: None, or the grammars the sampled tokens obey.
 
-  Returns (kv, next token [B], its Logprobs or None, the prompt's Logprobs [B, T] or None).
+  Returns (kv, next token [B], its Logprobs or None, the prompt's Logprobs [B, T] or None, the grammar states
+  [B] after the next token or None).
   """
   TRACES["prefill_chunk"] += 1
   model = nnx.merge(graphdef, state)
@@ -100,10 +109,12 @@ def prefill_chunk(graphdef, state, kv: PagedKV, tables, tokens, start, num, samp
   logits = model.logits(last)
   stop_ids = jnp.full((b, 1), -1, jnp.int32) if stop_ids is None else stop_ids
   min_left = jnp.zeros((b,), jnp.int32) if min_left is None else min_left
-  token = _choose(logits, sampling, start + num, penalties, stop_ids, min_left)
+  token = _choose(logits, sampling, start + num, penalties, stop_ids, min_left, constraint)
   token_lp = Logprobs(*logprobs(logits, token, num_logprobs)) if num_logprobs else None
   prompt_lp = Logprobs(*logprobs(model.logits(x), targets, LOGPROBS_K)) if prompt_logprobs else None
-  return kv, *_host_readable((token, token_lp, prompt_lp), mesh)
+  constraint = grammar.advance(constraint, token, num > 0)
+  grammar_state = None if constraint is None else constraint.state
+  return kv, *_host_readable((token, token_lp, prompt_lp, grammar_state), mesh)
 
 
 class WindowState(NamedTuple):
@@ -126,8 +137,9 @@ class WindowStats(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention", "num_steps", "mesh", "num_logprobs"),
                    donate_argnames=("kv",))
 def decode_window(graphdef, state, kv: PagedKV, tables, window: WindowState, stop_ids, sampling: SamplingArrays,
-                  tau, layers=None, limit=None, penalties: Penalties | None = None, *, attention, num_steps: int,
-                  mesh=None, num_logprobs: int = 0):
+                  tau, layers=None, limit=None, penalties: Penalties | None = None,
+                  constraint: Constraint | None = None, *, attention, num_steps: int, mesh=None,
+                  num_logprobs: int = 0):
   """tables [L, B, M]; stop_ids [B, K] (-1 padded); tau [B]; layers: None or `Decoder.split_layers()` (see
   `Decoder.decode`); limit: [] int32 steps to run at most (None: num_steps); penalties: None, or the state the
   window's penalties start from. mesh: see psa_jax/models/parallel.py.
@@ -144,11 +156,12 @@ def decode_window(graphdef, state, kv: PagedKV, tables, window: WindowState, sto
   k = max(num_logprobs, 1)
 
   def step(carry):
-    i, kv, w, out, stats, penalties, lp_out = carry
+    i, kv, w, out, stats, penalties, lp_out, constraint = carry
     logits, kv, used = model.decode(w.tokens, w.positions, kv, tables, attention, tau, w.active, mesh=mesh,
                                     layers=layers)
-    token = _choose(logits, sampling, w.positions + 1, penalties, stop_ids, w.min_left)
+    token = _choose(logits, sampling, w.positions + 1, penalties, stop_ids, w.min_left, constraint)
     token = jnp.where(w.active, token, w.tokens)
+    constraint = grammar.advance(constraint, token, w.active)
     out = out.at[i].set(jnp.where(w.active, token, -1))
     if num_logprobs:
       lp_out = jax.tree.map(lambda acc, new: acc.at[i].set(new), lp_out, Logprobs(*logprobs(logits, token, k)))
@@ -170,7 +183,7 @@ def decode_window(graphdef, state, kv: PagedKV, tables, window: WindowState, sto
         stats.blocks_total + jnp.sum(n_blocks * w.active) * num_kv_heads,
         stats.samples + jnp.sum(w.active) * num_kv_heads)
     return (i + 1, kv, WindowState(token, positions, active, remaining, min_left), out, stats, penalties,
-            lp_out)
+            lp_out, constraint)
 
   bound = num_steps if limit is None else jnp.minimum(limit, num_steps)
 
@@ -183,6 +196,7 @@ def decode_window(graphdef, state, kv: PagedKV, tables, window: WindowState, sto
   stats = WindowStats(zeros, zeros, jnp.float32(0), jnp.float32(0))
   lp_out = (Logprobs(jnp.zeros((num_steps, b)), jnp.zeros((num_steps, b, k), jnp.int32),
                      jnp.zeros((num_steps, b, k))) if num_logprobs else None)
-  steps, kv, window, out, stats, _, lp_out = jax.lax.while_loop(
-      cond, step, (jnp.int32(0), kv, window, out, stats, penalties, lp_out))
-  return kv, *_host_readable((out, window, stats, steps, lp_out), mesh)
+  steps, kv, window, out, stats, _, lp_out, constraint = jax.lax.while_loop(
+      cond, step, (jnp.int32(0), kv, window, out, stats, penalties, lp_out, constraint))
+  grammar_state = None if constraint is None else constraint.state
+  return kv, *_host_readable((out, window, stats, steps, lp_out, grammar_state), mesh)
