@@ -1,5 +1,5 @@
-"""Suite-wide set-up: one persistent XLA compilation cache for every process of a test run, and compiled code
-released between test modules.
+"""Suite-wide set-up: one persistent XLA compilation cache for every process of a test run, compiled code
+released between test modules, and the default model's server shared by the modules that talk to it.
 
 The two pytest workers and the server processes the tests start compile many identical programs (the same
 engine shapes in both workers, the same model behind several servers). A cache shared for the run turns the
@@ -40,3 +40,13 @@ def _release_compiled_code():
   if "jax" in sys.modules:
     import jax
     jax.clear_caches()
+
+
+@pytest.fixture(scope="session")
+def server():
+  """The default model (SmolLM2-135M-Instruct) behind a real server process, one per test worker; its URL.
+  Tests that need other flags start their own."""
+  from tests.server_process import SMOLLM_FLAGS, running_server
+
+  with running_server(*SMOLLM_FLAGS) as (url, _):
+    yield url

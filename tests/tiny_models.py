@@ -117,3 +117,15 @@ def write_tiny_gguf(path: pathlib.Path, torch_model, *, qtype: str = "F32", arch
   writer.write_tensors_to_file()
   writer.close()
   return stored
+
+
+def save_smollm_tokenizer(path: pathlib.Path) -> None:
+  """The default model's tokenizer as a Hugging Face tokenizer directory (tokenizer.json and its config), for
+  clients that tokenize locally (lm-eval's huggingface tokenizer backend)."""
+  tok = smollm_tokenizer()
+  path.mkdir(parents=True, exist_ok=True)
+  tok.backend.save(str(path / "tokenizer.json"))
+  name = lambda i: None if i is None else tok.token(i)
+  (path / "tokenizer_config.json").write_text(json.dumps({
+      "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": name(tok.eos_token_ids[0]),
+      "bos_token": name(tok.bos_token_id), "chat_template": tok.chat_template, "model_max_length": 8192}))

@@ -1,8 +1,12 @@
 """The OpenAI-compatible HTTP front (FastAPI on uvicorn) over an `Engine` running on its own thread.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as server-sent events),
-GET /v1/models and /v1/models/{id}, POST /tokenize and /detokenize (vLLM's shapes), GET /health, GET /metrics
-(Prometheus text). What a body may carry, and what is refused, is in protocol.py.
+GET /v1/models and /v1/models/{id}, POST /tokenize, POST /detokenize and GET /tokenizer_info (vLLM's shapes),
+GET /health, GET /metrics (Prometheus text). What a body may carry, and what is refused, is in protocol.py.
+
+Structured output: `response_format` (json_object, json_schema) and vLLM's `guided_json`, `guided_regex`,
+`guided_choice` and `structured_outputs` are compiled into token automata (grammar.py) that the decode window
+applies on the device.
 
 Beyond OpenAI's fields, a request body may carry "psa": {"attention": "dense"|"topk"|"psa", "tau": 0.9} to pick
 the attention and PSA's threshold for that request alone.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import signal
@@ -25,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from psa_jax.serving import grammar
 from psa_jax.serving.engine import Engine
 from psa_jax.serving.metrics import Metrics
 from psa_jax.serving.protocol import (BadRequest, GenerationDefaults, TextStream, chat_logprobs, chat_messages,
@@ -33,6 +39,7 @@ from psa_jax.serving.protocol import (BadRequest, GenerationDefaults, TextStream
 FINGERPRINT = "psa_jax"
 MAX_BODY_BYTES = 4 * 2**20  # a full context of token ids, in a batch of prompts, is far below this
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
@@ -75,6 +82,7 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
   tokenizer = engine.tokenizer
   context = engine.config.max_context
   eos_ids = tuple(tokenizer.eos_token_ids)
+  vocab = engine.model.config.vocab_size
 
   async def lifespan(app):
     engine.start()
@@ -89,7 +97,7 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
     """Checks that need no body, before any work: Host, API key, media type, size, shutdown."""
     if loopback_only and _hostname(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
       return _error(400, "this server answers only requests addressed to a loopback host", "host")
-    api = request.url.path.startswith("/v1") or request.url.path in ("/tokenize", "/detokenize")
+    api = request.url.path.startswith("/v1") or request.url.path in TOKENIZER_ROUTES
     if api and api_key is not None:
       given = request.headers.get("authorization", "")
       if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
@@ -177,6 +185,14 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
   async def run(request: Request, body: dict, prompts: list[list[int]], chat: bool):
     gen = parse_generation(body, chat=chat, prompt_len=max(len(p) for p in prompts), context=context,
                            defaults=defaults, eos_ids=eos_ids)
+    if gen.constraint is not None:  # compiling a grammar takes up to seconds: off the event loop
+      name, kind, value = gen.constraint
+      try:
+        automaton = await asyncio.to_thread(
+            lambda: grammar.compile_regex(tokenizer, vocab, grammar.regex_for(kind, value)))
+      except grammar.GrammarError as e:
+        raise BadRequest(f"'{name}': {e}", name) from e
+      gen = dataclasses.replace(gen, params=dataclasses.replace(gen.params, grammar=automaton))
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     choices = [_Choice(i * gen.n + j, p, tokenizer, gen.stops) for i, p in enumerate(prompts) for j in range(gen.n)]
@@ -360,8 +376,18 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
       text = field(body, "prompt", str, None, message="a string")
       if text is None:
         raise BadRequest("'prompt' or 'messages' is required", "prompt")
-      tokens = await asyncio.to_thread(tokenizer.encode, text)
+      special = field(body, "add_special_tokens", bool, True, message="a boolean")
+      tokens = await asyncio.to_thread(tokenizer.encode, text, add_bos=None if special else False)
     return {"count": len(tokens), "max_model_len": context, "tokens": tokens}
+
+  @app.get("/tokenizer_info")
+  async def tokenizer_info():
+    """vLLM's description of the tokenizer, with which clients (lm-eval's remote tokenizer) tokenize through
+    /tokenize and render chats themselves."""
+    name = lambda i: None if i is None else tokenizer.token(i)
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context,
+            "eos_token": name(eos_ids[0]) if eos_ids else None, "bos_token": name(tokenizer.bos_token_id),
+            "pad_token": None, "chat_template": tokenizer.chat_template, "vocab_size": tokenizer.vocab_size}
 
   @app.post("/detokenize")
   async def detokenize(request: Request):

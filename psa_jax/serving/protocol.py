@@ -8,6 +8,7 @@ answer that silently ignored what it asked for.
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 
 from psa_jax.serving.request import MAX_LOGPROBS, SamplingParams, TokenLogprob
@@ -16,6 +17,8 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256  # characters; the hold-back check is quadratic in it
 MAX_N = 16
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
+MAX_SCHEMA_CHARS = 65536  # a JSON schema or regex, as text
+MAX_CHOICES = 256
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -48,16 +51,62 @@ def _unsupported(body: dict) -> str | None:
   checks = {
       "tools": lambda v: bool(v), "functions": lambda v: bool(v), "tool_choice": lambda v: v not in ("none", None),
       "function_call": lambda v: v not in ("none", None), "parallel_tool_calls": lambda v: bool(v),
-      "response_format": lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
       "logit_bias": lambda v: bool(v), "suffix": lambda v: bool(v), "prediction": lambda v: bool(v),
       "audio": lambda v: bool(v), "modalities": lambda v: v != ["text"], "web_search_options": lambda v: bool(v),
-      "guided_json": lambda v: True, "guided_regex": lambda v: True, "guided_choice": lambda v: True,
-      "guided_grammar": lambda v: True, "structured_outputs": lambda v: True,
+      "guided_grammar": lambda v: True,
   }
   for name, refused in checks.items():
     if body.get(name) is not None and refused(body[name]):
       return name
   return None
+
+
+def _constraint(body: dict) -> tuple[str, str, object] | None:
+  """(field, kind, value) of the output constraint a body asks for, if any: OpenAI's `response_format`, or
+  vLLM's `guided_json` / `guided_regex` / `guided_choice` / `structured_outputs`. Kinds as grammar.regex_for."""
+  found = []
+  fmt = body.get("response_format")
+  if fmt is not None:
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+      raise BadRequest("'response_format' must be an object whose 'type' is 'text', 'json_object' or "
+                       "'json_schema'", "response_format")
+    if fmt["type"] == "json_object":
+      found.append(("response_format", "json_object", None))
+    elif fmt["type"] == "json_schema":
+      spec = fmt.get("json_schema")
+      if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise BadRequest("'response_format.json_schema' must be an object with a 'schema' object",
+                         "response_format")
+      schema = spec.get("schema")
+      found.append(("response_format", "json_schema", schema) if schema else ("response_format", "json_object", None))
+  outputs = body.get("structured_outputs")
+  if outputs is not None:
+    if not isinstance(outputs, dict) or set(outputs) - {"json", "regex", "choice"}:
+      raise BadRequest("'structured_outputs' may hold 'json', 'regex' or 'choice' (grammars are not supported)",
+                       "structured_outputs")
+    found += [("structured_outputs", k, v) for k, v in outputs.items() if v is not None]
+  found += [(name, name.removeprefix("guided_"), body[name]) for name in ("guided_json", "guided_regex",
+                                                                          "guided_choice") if body.get(name) is not None]
+  if len(found) > 1:
+    raise BadRequest(f"ask for one output constraint, not {len(found)}", found[1][0])
+  if not found:
+    return None
+  name, kind, value = found[0]
+  if kind == "json":
+    kind = "json_schema"
+    if isinstance(value, str):
+      try:
+        value = json.loads(value)
+      except json.JSONDecodeError as e:
+        raise BadRequest(f"'{name}' is not valid JSON: {e}", name) from e
+  if kind == "json_schema" and (not isinstance(value, dict) or len(json.dumps(value)) > MAX_SCHEMA_CHARS):
+    raise BadRequest(f"'{name}' must be a JSON schema object of at most {MAX_SCHEMA_CHARS} characters", name)
+  if kind == "regex" and (not isinstance(value, str) or not 0 < len(value) <= MAX_SCHEMA_CHARS):
+    raise BadRequest(f"'{name}' must be a regular expression of at most {MAX_SCHEMA_CHARS} characters", name)
+  if kind == "choice" and (not isinstance(value, list) or not 0 < len(value) <= MAX_CHOICES
+                           or not all(isinstance(c, str) and 0 < len(c) <= MAX_STOP_LENGTH for c in value)):
+    raise BadRequest(f"'{name}' must be a list of at most {MAX_CHOICES} non-empty strings", name)
+  return name, kind, value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +146,7 @@ class Generation:
   logprobs: int | None  # alternatives per token, or None for no log-probabilities
   attention: str | None
   tau: float | None
+  constraint: tuple[str, str, object] | None = None  # (field, kind, value): compiled into params.grammar
 
 
 def parse_generation(body: dict, *, chat: bool, prompt_len: int, context: int, defaults: GenerationDefaults,
@@ -169,6 +219,10 @@ def parse_generation(body: dict, *, chat: bool, prompt_len: int, context: int, d
   if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1):
     raise BadRequest("'psa.tau' must be a number in (0, 1]", "psa.tau")
   stop_token_ids = None if stop_ids is None else tuple(dict.fromkeys((*eos_ids, *stop_ids)))
+  constraint = _constraint(body)
+  if constraint is not None and ignore_eos:
+    raise BadRequest("'ignore_eos' cannot be combined with constrained output, which ends at end-of-sequence",
+                     "ignore_eos")
   params = SamplingParams(
       max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=max(0, top_k),
       seed=seed if seed is not None else uuid.uuid4().int % 2**31, ignore_eos=ignore_eos, min_tokens=min_tokens,
@@ -176,7 +230,7 @@ def parse_generation(body: dict, *, chat: bool, prompt_len: int, context: int, d
       repetition_penalty=float(repetition), logprobs=logprobs,
       prompt_logprobs=logprobs if echo and logprobs is not None else None,
       stop_token_ids=stop_token_ids)
-  return Generation(params, stops, n, stream, include_usage, echo, logprobs, attention, tau)
+  return Generation(params, stops, n, stream, include_usage, echo, logprobs, attention, tau, constraint)
 
 
 def chat_messages(body: dict) -> list[dict]:
