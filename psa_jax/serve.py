@@ -73,6 +73,8 @@ _MIN_P = flags.DEFINE_float("min_p", 0.05, "Sampling default (see --temperature)
 _API_KEY = flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer <key>' on the API routes (default: "
                                "the PSA_JAX_API_KEY environment variable; unset: no key).")
 _DRAIN = flags.DEFINE_float("shutdown_drain_s", 10.0, "On SIGTERM, let in-flight requests finish this long.")
+_READ_TIMEOUT = flags.DEFINE_float("read_timeout_s", 30.0, "Seconds a request's headers, and then its body, may "
+                                   "take to arrive before the connection is closed (408 for a body).")
 
 
 def main(argv):
@@ -136,7 +138,7 @@ def main(argv):
   print(f"psa_jax: sampling defaults {defaults.describe()}", file=sys.stderr, flush=True)
   api_key = _API_KEY.value or os.environ.get("PSA_JAX_API_KEY") or None
   serve(engine, name, host=_HOST.value, port=_PORT.value, drain_timeout=_DRAIN.value, defaults=defaults,
-        api_key=api_key)
+        api_key=api_key, read_timeout=_READ_TIMEOUT.value)
 
 
 if __name__ == "__main__":

@@ -153,3 +153,82 @@ def test_lm_eval_local_chat_completions_runs_a_generation_task(server, tmp_path)
   assert all(isinstance(r, str) and r.strip() for r in responses), responses
   assert any("paris" in r.lower() for r in responses), responses
   assert 0 <= run["results"]["psa_gen"]["exact_match,none"] <= 1
+
+
+# ------------------------------------------------------------------------------------------- tool calls
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 12},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.fixture(scope="module")
+def tools_server(tmp_path_factory):
+  """A tiny random model whose chat template renders tools (Hermes format): what it says is noise, so any call
+  that parses is the constraint's doing."""
+  from tests.server_process import QUICK, running_server
+
+  path = tmp_path_factory.mktemp("tools_model")
+  tiny_models.save_tiny_hf(path, "qwen2", seed=4, chat_template=tiny_models.TOOLS_TEMPLATE)
+  with running_server(f"--model={path}", *QUICK, "--served_model_name=tiny", "--kv_memory=8MiB",
+                      "--max_context=512") as (url, _):
+    yield url
+
+
+def test_forced_tool_calls_parse_and_follow_the_schema(tools_server):
+  client = openai.OpenAI(base_url=tools_server + "/v1", api_key="none")
+  messages = [{"role": "user", "content": "Weather in Paris?"}]
+  named = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, TIME], max_tokens=80,
+                                         tool_choice={"type": "function", "function": {"name": "get_weather"}})
+  choice = named.choices[0]
+  assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+  call = choice.message.tool_calls[0]
+  assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+  jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+  # "required", streamed: the call arrives as a tool_calls delta, then finish_reason "tool_calls".
+  stream = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, TIME], max_tokens=80,
+                                          tool_choice="required", stream=True, temperature=1.0, seed=2)
+  deltas, reasons = [], []
+  for part in stream:
+    for c in part.choices:
+      deltas += c.delta.tool_calls or []
+      reasons += [c.finish_reason] if c.finish_reason else []
+  assert reasons == ["tool_calls"] and len(deltas) == 1 and deltas[0].function.name in ("get_weather", "get_time")
+  json.loads(deltas[0].function.arguments)
+  # The agent's next turn: the assistant's call (content null) and the tool's result go back in.
+  follow = client.chat.completions.create(
+      model="tiny", tools=[WEATHER], tool_choice="none", max_tokens=8,
+      messages=messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                           {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"}])
+  assert follow.choices[0].message.tool_calls is None and isinstance(follow.choices[0].message.content, str)
+  rendered = httpx.post(tools_server + "/tokenize", json={"messages": [
+      *messages, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+      {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"}]}).json()["tokens"]
+  text = httpx.post(tools_server + "/detokenize", json={"tokens": rendered}).json()["prompt"]
+  assert "<tool_response>\n18 C, sunny\n</tool_response>" in text and '"name": "get_weather"' in text
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_bad_tool_requests_are_refused_by_name(tools_server, body, param):
+  r = httpx.post(tools_server + "/v1/chat/completions", timeout=120,
+                 json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body})
+  assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_tools_on_a_template_without_them_are_refused(server):
+  r = httpx.post(server + "/v1/chat/completions", timeout=60,
+                 json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "tools": [WEATHER]})
+  assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+  assert "chat template" in r.json()["error"]["message"]
+  turn = httpx.post(server + "/v1/chat/completions", timeout=60, json={"max_tokens": 4, "messages": [
+      {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                           "function": {"name": "f", "arguments": "{}"}}]}]})
+  assert turn.status_code == 400 and "chat template" in turn.json()["error"]["message"]

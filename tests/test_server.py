@@ -1,7 +1,10 @@
 """The real server process over real HTTP: OpenAI endpoints, streaming, the official client, bad input, load."""
 
 import asyncio
+import concurrent.futures
 import json
+import socket
+import time
 
 import httpx
 import openai
@@ -152,7 +155,7 @@ def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(serve
 
 
 @pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]), ("tool_choice", "auto"),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]), ("tool_choice", "required"),
     ("logit_bias", {"42": 5}), ("suffix", "end"), ("best_of", 3), ("functions", [{"name": "f"}]),
     ("guided_grammar", "root ::= 'a'"), ("structured_outputs", {"grammar": "root ::= 'a'"}),
 ])
@@ -254,23 +257,55 @@ def test_penalties_change_greedy_text_and_x_request_id_is_echoed(server):
   assert echoed.headers["x-request-id"] == "abc-123" and echoed.json()["system_fingerprint"]
 
 
-@pytest.mark.parametrize("headers,content,status", [
-    ({"content-type": "text/plain"}, b'{"prompt": "x"}', 415),  # a web page's form post, with no preflight
-    ({"content-type": "application/json", "host": "evil.example:8000"}, b'{"prompt": "x"}', 400),  # rebinding
-    ({"content-type": "application/json"}, b'{"prompt": "' + b"a" * (5 * 2**20) + b'"}', 413),
-    ({"content-type": "application/json"}, b"[" * 100_000 + b"]" * 100_000, 400),
-])
-def test_hostile_requests_are_refused_before_any_work(server, headers, content, status):
-  r = httpx.post(server + "/v1/completions", headers=headers, content=content, timeout=60)
-  assert r.status_code == status and set(r.json()) == {"error"}, r.text[:300]
-  assert "Traceback" not in r.text and "/psa_jax/" not in r.text
+JSON = {"content-type": "application/json"}
+HOSTILE = [  # (method, path, headers, body, status)
+    ("POST", "/v1/completions", {"content-type": "text/plain"}, b'{"prompt": "x"}', 415),  # a web page's form post
+    ("POST", "/v1/completions", {**JSON, "host": "evil.example:8000"}, b'{"prompt": "x"}', 400),  # DNS rebinding
+    ("POST", "/v1/completions", JSON, b'{"prompt": "' + b"a" * (20 * 2**20) + b'"}', 413),
+    ("POST", "/v1/completions", JSON, b"[" * 100_000 + b"]" * 100_000, 400),
+    ("POST", "/v1/completions", JSON, b'{"prompt": "\\ud800 lone"}', 400),
+    ("POST", "/v1/completions", JSON, json.dumps({"prompt": "x", "top_k": 2**31}).encode(), 400),
+    ("POST", "/v1/completions", JSON, json.dumps({"prompt": "x", "stop": "s" * 400_000}).encode(), 400),
+    ("POST", "/v1/completions", JSON, json.dumps({"prompt": "x", "stream": True, "top_p": 5}).encode(), 400),
+    ("POST", "/v1/chat/completions", JSON, json.dumps({"messages": [{"role": "hacker", "content": "hi"}]}).encode(),
+     400),
+    ("POST", "/v1/chat/completions", JSON,
+     json.dumps({"messages": [{"role": "user", "content": "hi"}] * 5000}).encode(), 400),
+    ("GET", "/v1/nothing", {}, b"", 404),
+    ("DELETE", "/v1/completions", {}, b"", 405),
+]
+
+
+def test_hostile_requests_get_4xx_error_objects_while_health_answers(server):
+  """Each hostile request is refused with an OpenAI error object and no internals, before any work: /health,
+  polled throughout, answers within 0.5 s every time, and no page is left taken."""
+  import threading
+
+  slowest, stop = [0.0], threading.Event()
+
+  def poll():
+    with httpx.Client() as c:
+      while not stop.is_set():
+        r = c.get(server + "/health", timeout=0.5)  # raises if it takes longer
+        slowest[0] = max(slowest[0], r.elapsed.total_seconds())
+
+  poller = concurrent.futures.ThreadPoolExecutor(1).submit(poll)
+  try:
+    for method, path, headers, content, status in HOSTILE:
+      r = httpx.request(method, server + path, headers=headers, content=content, timeout=60)
+      assert r.status_code == status and set(r.json()) == {"error"}, (path, r.text[:300])
+      assert r.json()["error"]["message"] and "Traceback" not in r.text and "/psa_jax/" not in r.text
+  finally:
+    stop.set()
+  poller.result()
+  assert slowest[0] < 0.5
   assert httpx.get(server + "/health", timeout=0.5).json()["pages_used"] == 0
 
 
-def test_the_api_key_is_required_on_the_api_routes_only(tmp_path):
+def test_the_api_key_is_required_on_the_api_routes_only_and_slow_clients_are_cut_off(tmp_path):
   tiny_models.save_tiny_hf(tmp_path, "llama", seed=5)
   with running_server(f"--model={tmp_path}", *QUICK, "--kv_memory=4MiB", "--max_context=256", "--api_key=s3cret",
-                      "--served_model_name=tiny") as (url, _):
+                      "--served_model_name=tiny", "--read_timeout_s=2") as (url, _):
     body = {"prompt": "hi", "max_tokens": 2}
     assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 401
     wrong = httpx.post(url + "/v1/completions", json=body, headers={"authorization": "Bearer nope"}, timeout=60)
@@ -279,6 +314,18 @@ def test_the_api_key_is_required_on_the_api_routes_only(tmp_path):
                                                                                  max_tokens=2)
     assert ok.choices[0].finish_reason in ("stop", "length")
     assert httpx.get(url + "/health").status_code == 200
+    # Slow clients are cut off (--read_timeout_s=2): headers that never end, a body that never comes.
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as trickle:
+      trickle.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+      trickle.settimeout(10)
+      began = time.monotonic()
+      assert trickle.recv(1024) == b"" and time.monotonic() - began < 6  # closed by the server
+    with socket.create_connection((host, int(port))) as stalled:
+      stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+      stalled.settimeout(10)
+      assert stalled.recv(4096).startswith(b"HTTP/1.1 408")
 
 
 def test_client_disconnect_cancels_and_frees_pages(server):
@@ -293,6 +340,17 @@ def test_client_disconnect_cancels_and_frees_pages(server):
       break
     asyncio.run(asyncio.sleep(0.1))
   assert health["pages_used"] == 0 and health["cancelled"] >= 1, health
+  # Without streaming too, and at once: the engine does not run the request to its end (400 tokens, ~10 s).
+  cancelled = health["cancelled"]
+  with pytest.raises(httpx.ReadTimeout):
+    httpx.post(server + "/v1/completions", json={**body, "stream": False}, timeout=1.5)
+  hung_up = time.monotonic()
+  while time.monotonic() - hung_up < 3:
+    health = httpx.get(server + "/health").json()
+    if health["cancelled"] > cancelled and health["pages_used"] == 0:
+      break
+    time.sleep(0.1)
+  assert health["cancelled"] > cancelled and health["pages_used"] == 0, health
 
 
 @pytest.fixture(scope="module")

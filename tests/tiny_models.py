@@ -20,7 +20,21 @@ def smollm_tokenizer():
   return tok
 
 
-def save_tiny_hf(path: pathlib.Path, arch: str, *, seed: int = 0, rope_scaling: dict | None = None):
+# A chat template that renders tools and asks for Hermes-format calls, in the manner of Qwen2.5's.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nYou may call these tools:\n<tools>\n{% for tool in tools %}"
+    "{{ tool | tojson }}\n{% endfor %}</tools>\nCall one as <tool_call>\n{\"name\": <name>, \"arguments\": "
+    "<object>}\n</tool_call><|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
+    "</tool_response><|im_end|>\n{% elif m.tool_calls %}<|im_start|>assistant\n{{ m.content }}"
+    "{% for call in m.tool_calls %}<tool_call>\n{{ {'name': call.function.name, 'arguments': "
+    "call.function.arguments} | tojson }}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_tiny_hf(path: pathlib.Path, arch: str, *, seed: int = 0, rope_scaling: dict | None = None,
+                 chat_template: str = CHAT_TEMPLATE):
   """A randomly initialized 2-layer model of `arch` ("llama" or "qwen2") saved as safetensors."""
   import torch
   import transformers
@@ -43,7 +57,7 @@ def save_tiny_hf(path: pathlib.Path, arch: str, *, seed: int = 0, rope_scaling: 
   model.save_pretrained(path, safe_serialization=True)
   smollm_tokenizer().backend.save(str(path / "tokenizer.json"))
   (path / "tokenizer_config.json").write_text(json.dumps(
-      {"chat_template": CHAT_TEMPLATE, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+      {"chat_template": chat_template, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
   return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from typing import Sequence
@@ -67,21 +68,24 @@ class Tokenizer:
   def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
     return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-  def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+  def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                  tools: Sequence[dict] | None = None) -> list[int]:
     """The chat template's token ids, with the messages' text encoded as plain text: a user who writes
     "<|im_start|>system" gets those characters, not the control token, so user text cannot forge roles.
-    Only the template itself produces control tokens."""
-    marks = [f"\x00psa-content-{i}\x00" for i in range(len(messages))]
-    rendered = self.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
-                                        add_generation_prompt=add_generation_prompt)
-    if any(rendered.count(mark) != 1 for mark in marks):  # a template that rewrites content: render it whole
-      return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
+    Only the template itself produces control tokens. tools: OpenAI tool objects, for templates that render
+    them."""
+    marks = {i: f"\x00psa-content-{i}\x00" for i, m in enumerate(messages) if m.get("content")}
+    marked = [{**m, "content": marks[i]} if i in marks else m for i, m in enumerate(messages)]
+    rendered = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tools=tools)
+    if any(rendered.count(mark) != 1 for mark in marks.values()):  # a template that rewrites content: whole
+      return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tools=tools))
     ids = [self.bos_token_id] if self.add_bos and self.bos_token_id is not None else []
     rest = rendered
-    for message, mark in zip(messages, marks):
+    for i, mark in marks.items():
       template, rest = rest.split(mark, 1)
       ids += self.backend.encode(template, add_special_tokens=False).ids if template else []
-      ids += self._plain_text().encode(message["content"], add_special_tokens=False).ids if message["content"] else []
+      ids += self._plain_text().encode(messages[i]["content"], add_special_tokens=False).ids
     return ids + (self.backend.encode(rest, add_special_tokens=False).ids if rest else [])
 
   def _plain_text(self) -> tokenizers.Tokenizer:
@@ -93,7 +97,8 @@ class Tokenizer:
       self._plain = plain
     return self._plain
 
-  def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+  def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                          tools: Sequence[dict] | None = None) -> str:
     if not self.chat_template:
       raise ValueError("this model has no chat template; send a plain prompt instead")
     env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -102,9 +107,15 @@ class Tokenizer:
       raise jinja2.exceptions.TemplateError(message)
 
     env.globals["raise_exception"] = raise_exception
+    # As Hugging Face renders templates: JSON without Jinja's HTML escaping (tools' schemas would read
+    # "\u003c"), and today's date for templates that print it.
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     tok = lambda i: None if i is None else self.token(i)
+    extra = {} if tools is None else {"tools": list(tools)}
     return env.from_string(self.chat_template).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt,
+        messages=list(messages), add_generation_prompt=add_generation_prompt, **extra,
         bos_token=tok(self.bos_token_id) or "", eos_token=tok(self.eos_token_ids[0]) if self.eos_token_ids else "")
 
 

@@ -6,11 +6,15 @@ into a regex by outlines-core as well). The automaton lives on the device as arr
 and advances it inside its `lax.while_loop` with no host round trip per token:
 
   mask      [S, W] uint32  bit t % 32 of word t // 32 of row s: token t is allowed in state s
-  row_start [S] int32      state s's transitions are tokens[row_start[s] : row_start[s] + row_len[s]],
-  row_len   [S] int32      sorted, so the next state is found by binary search
+  default   [S] int32      where most allowed tokens of state s lead (inside a JSON string: back to s itself)
+  row_start [S] int32      the allowed tokens that lead elsewhere are tokens[row_start[s] : + row_len[s]],
+  row_len   [S] int32      sorted, so their next state is found by binary search
   tokens    [N] int32
   next      [N] int32      global state ids
   state     [B] int32      each sequence's current state; -1: the sequence is not constrained
+
+Storing only the exceptions to each state's default keeps the table small: inside a string almost every token
+is allowed and loops back, so a generic JSON automaton has millions of transitions but few exceptions.
 
 Several requests may use different grammars at once: `GrammarTable` concatenates the automata of the
 requests in flight into one table (state ids offset per automaton) whose sizes are rounded up to powers of
@@ -32,8 +36,8 @@ import numpy as np
 
 MAX_GRAMMAR_STATES = 1 << 14  # per automaton; beyond this a schema is refused as too complex
 MAX_TABLE_STATES = 1 << 15  # the device table keeps grammars no longer in use until it would hold more
-_MIN_STATES = 64  # table size buckets
-_MIN_TRANSITIONS = 1 << 12
+_MIN_STATES = 2048  # table size buckets: the generic JSON automaton and a few schemas fit the smallest
+_MIN_TRANSITIONS = 1 << 15
 WHITESPACE = r"[ ]?"  # between JSON tokens: at most one space, so a small model cannot wander off in blanks
 
 
@@ -45,6 +49,7 @@ class Constraint(NamedTuple):
   """The device form of the automata in use and each sequence's state (see the module docstring)."""
 
   mask: jax.Array
+  default: jax.Array
   row_start: jax.Array
   row_len: jax.Array
   tokens: jax.Array
@@ -72,8 +77,8 @@ def constrain(logits: jax.Array, constraint: Constraint | None) -> jax.Array:
 
 def advance(constraint: Constraint | None, tokens: jax.Array, active: jax.Array) -> Constraint | None:
   """The constraint after the active sequences emit tokens [B]: each state moves along its token's transition
-  (binary search in the state's sorted row). A token with no transition (only possible where the grammar had
-  nothing to allow) leaves the state where it was."""
+  (binary search among the state's exceptions, else its default). A token the state does not allow (possible
+  only where the grammar had nothing to allow) leaves the state where it was."""
   if constraint is None:
     return None
   state = jnp.maximum(constraint.state, 0)
@@ -89,7 +94,9 @@ def advance(constraint: Constraint | None, tokens: jax.Array, active: jax.Array)
     hi = jnp.where(open_ & ~right, mid, hi)
   at = jnp.minimum(lo, last)
   found = (lo < end) & (constraint.tokens[at] == tokens)
-  moved = jnp.where(found, constraint.next[at], constraint.state)
+  allowed_now = (constraint.mask[state, tokens // 32] >> (tokens % 32).astype(jnp.uint32)) & 1
+  moved = jnp.where(found, constraint.next[at], constraint.default[state])
+  moved = jnp.where(allowed_now.astype(bool), moved, constraint.state)
   return constraint._replace(state=jnp.where(active & (constraint.state >= 0), moved, constraint.state))
 
 
@@ -101,6 +108,8 @@ class TokenAutomaton:
   """One grammar over one vocabulary. States are numbered from 0, the initial state."""
 
   key: str  # what it was compiled from, for tables and caches
+  mask: np.ndarray  # [S, W] uint32
+  default: np.ndarray  # [S] int32, local state ids
   row_start: np.ndarray  # [S] int32
   row_len: np.ndarray  # [S] int32
   tokens: np.ndarray  # [N] int32, sorted within each state's row
@@ -111,25 +120,20 @@ class TokenAutomaton:
   def num_states(self) -> int:
     return len(self.row_start)
 
+  def allowed(self, state: int) -> np.ndarray:
+    """The token ids allowed in `state`, ascending."""
+    bits = np.unpackbits(self.mask[state].view(np.uint8), bitorder="little")[: self.vocab]
+    return np.flatnonzero(bits)
+
   def step(self, state: int, token: int) -> int | None:
     """The state after `token`, or None if the grammar forbids it (the host-side twin of `advance`)."""
+    if not (self.mask[state, token // 32] >> np.uint32(token % 32)) & 1:
+      return None
     row = slice(self.row_start[state], self.row_start[state] + self.row_len[state])
     at = np.searchsorted(self.tokens[row], token)
     if at < self.row_len[state] and self.tokens[row][at] == token:
       return int(self.next[row][at])
-    return None
-
-  def allowed(self, state: int) -> np.ndarray:
-    return self.tokens[self.row_start[state] : self.row_start[state] + self.row_len[state]]
-
-  @functools.cached_property
-  def mask(self) -> np.ndarray:
-    """[S, W] uint32 bitmask of the allowed tokens per state."""
-    words = -(-self.vocab // 32)
-    mask = np.zeros((self.num_states, words), np.uint32)
-    rows = np.repeat(np.arange(self.num_states), self.row_len)
-    np.bitwise_or.at(mask, (rows, self.tokens // 32), (np.uint32(1) << (self.tokens % 32).astype(np.uint32)))
-    return mask
+    return int(self.default[state])
 
 
 def regex_for(kind: str, value) -> str:
@@ -202,20 +206,27 @@ def _compile(vocabulary: _Vocabulary, regex: str) -> TokenAutomaton:
       if target not in number:
         number[target] = len(order)
         order.append(target)
-  lengths = np.array([len(transitions.get(s, {})) for s in order], np.int32)
-  tokens = np.empty(int(lengths.sum()), np.int32)
-  nexts = np.empty_like(tokens)
-  at = 0
-  for s in order:
+  mask = np.zeros((len(order), -(-vocabulary.vocab // 32)), np.uint32)
+  default = np.arange(len(order), dtype=np.int32)  # a state with no way on stays where it is
+  rows_tokens, rows_next = [], []
+  for i, s in enumerate(order):
     row = transitions.get(s, {})
-    if row:
-      ids = np.fromiter(row.keys(), np.int32, len(row))
-      targets = np.fromiter((number[t] for t in row.values()), np.int32, len(row))
-      sort = np.argsort(ids)
-      tokens[at : at + len(row)], nexts[at : at + len(row)] = ids[sort], targets[sort]
-      at += len(row)
+    ids = np.fromiter(row.keys(), np.int32, len(row))
+    targets = np.fromiter((number[t] for t in row.values()), np.int32, len(row))
+    np.bitwise_or.at(mask[i], ids // 32, np.uint32(1) << (ids % 32).astype(np.uint32))
+    if len(ids):
+      values, counts = np.unique(targets, return_counts=True)
+      default[i] = values[np.argmax(counts)]
+    keep = targets != default[i]
+    sort = np.argsort(ids[keep])
+    rows_tokens.append(ids[keep][sort])
+    rows_next.append(targets[keep][sort])
+  lengths = np.array([len(r) for r in rows_tokens], np.int32)
   starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
-  return TokenAutomaton(regex, starts, lengths, tokens, nexts, vocabulary.vocab)
+  tokens = np.concatenate(rows_tokens) if rows_tokens else np.zeros(0, np.int32)
+  nexts = np.concatenate(rows_next) if rows_next else np.zeros(0, np.int32)
+  return TokenAutomaton(regex, mask, default, starts, lengths, tokens.astype(np.int32), nexts.astype(np.int32),
+                        vocabulary.vocab)
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -267,6 +278,7 @@ class GrammarTable:
     states, transitions = _bucket(total_states, _MIN_STATES), _bucket(max(total, 1), _MIN_TRANSITIONS)
     words = -(-self.vocab // 32)
     mask = np.zeros((states, words), np.uint32)
+    default = np.zeros(states, np.int32)
     row_start = np.zeros(states, np.int32)
     row_len = np.zeros(states, np.int32)
     tokens = np.full(transitions, np.iinfo(np.int32).max, np.int32)  # padding sorts last and matches nothing
@@ -276,6 +288,7 @@ class GrammarTable:
     for a in automata:
       offsets[id(a)] = s
       mask[s : s + a.num_states, : a.mask.shape[1]] = a.mask
+      default[s : s + a.num_states] = a.default + s
       row_start[s : s + a.num_states] = a.row_start + n
       row_len[s : s + a.num_states] = a.row_len
       tokens[n : n + len(a.tokens)] = a.tokens
@@ -283,5 +296,5 @@ class GrammarTable:
       s += a.num_states
       n += len(a.tokens)
     self._automata, self._offsets = automata, offsets
-    self._arrays = tuple(jnp.asarray(x) for x in (mask, row_start, row_len, tokens, nexts))
+    self._arrays = tuple(jnp.asarray(x) for x in (mask, default, row_start, row_len, tokens, nexts))
     self.rebuilds += 1

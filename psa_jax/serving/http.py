@@ -6,7 +6,7 @@ GET /health, GET /metrics (Prometheus text). What a body may carry, and what is 
 
 Structured output: `response_format` (json_object, json_schema) and vLLM's `guided_json`, `guided_regex`,
 `guided_choice` and `structured_outputs` are compiled into token automata (grammar.py) that the decode window
-applies on the device.
+applies on the device. Tool calls (tools.py) where the model's chat template renders tools.
 
 Beyond OpenAI's fields, a request body may carry "psa": {"attention": "dense"|"topk"|"psa", "tau": 0.9} to pick
 the attention and PSA's threshold for that request alone.
@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from psa_jax.serving import grammar
+from psa_jax.serving import grammar, tools
 from psa_jax.serving.engine import Engine
 from psa_jax.serving.metrics import Metrics
 from psa_jax.serving.protocol import (BadRequest, GenerationDefaults, TextStream, chat_logprobs, chat_messages,
@@ -40,6 +40,7 @@ FINGERPRINT = "psa_jax"
 MAX_BODY_BYTES = 4 * 2**20  # a full context of token ids, in a batch of prompts, is far below this
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
+CLIENT_GONE = object()  # an event: the client closed the connection
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
@@ -74,10 +75,11 @@ class _Choice:
 
 def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
                defaults: GenerationDefaults = GenerationDefaults(), api_key: str | None = None,
-               loopback_only: bool = False) -> FastAPI:
+               loopback_only: bool = False, read_timeout: float = 30.0) -> FastAPI:
   """loopback_only: the server listens on a loopback address, so a Host header naming anything else is a web
   page's request through DNS rebinding and is refused. api_key: required as `Authorization: Bearer` on the API
-  routes (not /health or /metrics), as `vllm serve --api-key` does."""
+  routes (not /health or /metrics), as `vllm serve --api-key` does. read_timeout: seconds a request's body may
+  take to arrive (`serve` gives its headers the same)."""
   metrics = Metrics(engine)
   tokenizer = engine.tokenizer
   context = engine.config.max_context
@@ -156,13 +158,19 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
                        "model_not_found")
     return model_card()
 
-  async def parse(request: Request) -> dict:
+  async def read_body(request: Request) -> bytes:
     raw = bytearray()
     async for piece in request.stream():  # a body without a Content-Length is capped as it arrives
       raw += piece
       if len(raw) > MAX_BODY_BYTES:
         raise BadRequest(f"request body is larger than {MAX_BODY_BYTES} bytes", status=413)
-    raw = bytes(raw)
+    return bytes(raw)
+
+  async def parse(request: Request) -> dict:
+    try:  # a client that sends its body slowly, or never, does not hold the connection forever
+      raw = await asyncio.wait_for(read_body(request), read_timeout)
+    except asyncio.TimeoutError:
+      raise BadRequest(f"request body not received within {read_timeout:g} s", status=408) from None
     try:
       body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -182,9 +190,15 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
                        "model_not_found")
     return body
 
-  async def run(request: Request, body: dict, prompts: list[list[int]], chat: bool):
+  async def run(request: Request, body: dict, prompts: list[list[int]], chat: bool,
+                tool_request: tools.ToolRequest | None = None):
+    try:
+      forced = tool_request.constraint() if tool_request is not None else None
+    except tools.ToolError as e:
+      raise BadRequest(str(e), e.param) from e
     gen = parse_generation(body, chat=chat, prompt_len=max(len(p) for p in prompts), context=context,
-                           defaults=defaults, eos_ids=eos_ids)
+                           defaults=defaults, eos_ids=eos_ids, forced_constraint=forced)
+    calling = tool_request is not None and tool_request.active  # output is searched for tool calls
     if gen.constraint is not None:  # compiling a grammar takes up to seconds: off the event loop
       name, kind, value = gen.constraint
       try:
@@ -239,11 +253,22 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
       """The next engine event, or None when the client has gone (the requests are then cancelled)."""
       while True:
         try:
-          return await asyncio.wait_for(events.get(), timeout=0.5)
+          event = await asyncio.wait_for(events.get(), timeout=0.5)
         except asyncio.TimeoutError:
-          if await request.is_disconnected():
-            cancel_all()
-            return None
+          if not await request.is_disconnected():
+            continue
+          event = CLIENT_GONE
+        if event is CLIENT_GONE:
+          cancel_all()
+          return None
+        return event
+
+    async def watch_disconnect():
+      """Reports a client that hangs up at once, not at the next quiet moment. (A stream's hang-up also
+      cancels the response, through Starlette.)"""
+      while (await request.receive())["type"] != "http.disconnect":
+        pass
+      events.put_nowait(CLIENT_GONE)
 
     async def pieces():
       """(choice, new text, new token ids, their logprobs, finished) as tokens arrive; ends when every choice is
@@ -272,9 +297,11 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
         cancel_all()
         raise
 
-    def chunk(c, text: str | None, reason: str | None, logprobs=None, first: bool = False) -> str:
+    def chunk(c, text: str | None, reason: str | None, logprobs=None, first: bool = False, calls=None) -> str:
       if chat:
         delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+        if calls:
+          delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
         choice = {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
       else:
         choice = {"index": c.index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
@@ -297,6 +324,15 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
               yield chunk(c, tokenizer.decode(c.prompt), None, _echo_logprobs(c))
           async for c, new, ids, entries, finished in pieces():
             lp = logprobs_of(c, ids, entries) if ids and gen.logprobs is not None else None
+            if calling:  # whether the text is a call is known at the end: it is sent then, whole
+              c.logprobs.extend(entries)
+              if finished:
+                content, calls = tool_request.parse(c.text.text)
+                lp = logprobs_of(c, c.text.ids[: c.used()], c.logprobs) if gen.logprobs is not None else None
+                if content or lp or calls:
+                  yield chunk(c, content, None, lp, calls=calls)
+                yield chunk(c, None, "tool_calls" if calls else c.finish_reason())
+              continue
             if new or lp:
               yield chunk(c, new, None, lp)
             if finished:
@@ -318,8 +354,12 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
       return StreamingResponse(sse(), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async for _ in pieces():
-      pass
+    watcher = asyncio.create_task(watch_disconnect())
+    try:
+      async for _ in pieces():
+        pass
+    finally:
+      watcher.cancel()
     if not all(c.done for c in choices):
       return Response(status_code=499)  # the client went away; nobody reads this
     for c in choices:
@@ -330,8 +370,13 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
       ids = c.text.ids[: c.used()]
       entries = c.handle.logprobs[: len(ids)] if gen.logprobs is not None else []
       if chat:
-        out.append({"index": c.index, "message": {"role": "assistant", "content": c.text.text},
-                    "logprobs": logprobs_of(c, ids, entries), "finish_reason": c.finish_reason()})
+        message, reason = {"role": "assistant", "content": c.text.text}, c.finish_reason()
+        if calling:
+          message["content"], calls = tool_request.parse(c.text.text)
+          if calls:
+            message["tool_calls"], reason = calls, "tool_calls"
+        out.append({"index": c.index, "message": message, "logprobs": logprobs_of(c, ids, entries),
+                    "finish_reason": reason})
         continue
       text, lp = c.text.text, logprobs_of(c, ids, entries)
       if gen.echo:
@@ -349,27 +394,34 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
   @app.post("/v1/completions")
   async def completions(request: Request):
     body = await parse(request)
+    if body.get("tools") or body.get("tool_choice") not in (None, "none"):
+      raise BadRequest("'tools' is a chat completions field", "tools")
     prompts = await asyncio.to_thread(completion_prompts, body, tokenizer.encode)
     return await run(request, body, prompts, chat=False)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: Request):
     body = await parse(request)
-    messages = chat_messages(body)
+    try:
+      tool_request = tools.parse_request(body, tokenizer.chat_template)
+    except tools.ToolError as e:
+      raise BadRequest(str(e), e.param) from e
+    messages = chat_messages(body, tools_ok=tools.supported(tokenizer.chat_template))
 
     def render():
       try:
-        return tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return tokenizer.encode_chat(messages, add_generation_prompt=True,
+                                     tools=tool_request.template_tools() if tool_request else None)
       except Exception as e:
         raise BadRequest(f"cannot render the chat template: {type(e).__name__}", "messages") from e
 
-    return await run(request, body, [await asyncio.to_thread(render)], chat=True)
+    return await run(request, body, [await asyncio.to_thread(render)], chat=True, tool_request=tool_request)
 
   @app.post("/tokenize")
   async def tokenize(request: Request):
     body = await parse(request)
     if "messages" in body:
-      messages = chat_messages(body)
+      messages = chat_messages(body, tools_ok=tools.supported(tokenizer.chat_template))
       add = field(body, "add_generation_prompt", bool, True, message="a boolean")
       tokens = await asyncio.to_thread(tokenizer.encode_chat, messages, add_generation_prompt=add)
     else:
@@ -403,7 +455,8 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
 
 
 def serve(engine: Engine, model_name: str, *, host: str, port: int, drain_timeout: float,
-          defaults: GenerationDefaults = GenerationDefaults(), api_key: str | None = None) -> None:
+          defaults: GenerationDefaults = GenerationDefaults(), api_key: str | None = None,
+          read_timeout: float = 30.0) -> None:
   """Runs the app under uvicorn until SIGINT/SIGTERM, then exits normally.
 
   On the signal new requests get 503 and the engine drains first (in-flight requests get `drain_timeout`
@@ -414,7 +467,7 @@ def serve(engine: Engine, model_name: str, *, host: str, port: int, drain_timeou
   import uvicorn
 
   app = create_app(engine, model_name, drain_timeout=drain_timeout, defaults=defaults, api_key=api_key,
-                   loopback_only=host in LOOPBACK_HOSTS)
+                   loopback_only=host in LOOPBACK_HOSTS, read_timeout=read_timeout)
 
   class Server(uvicorn.Server):
     def handle_exit(self, sig, frame):
@@ -446,6 +499,38 @@ def serve(engine: Engine, model_name: str, *, host: str, port: int, drain_timeou
   # streams end only once the engine finishes the device call it is in (a decode window, or a compilation on a
   # new shape: several seconds on a loaded CPU), so the margin past the drain is generous; a shutdown with no
   # open stream does not wait for it.
-  config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+  config = uvicorn.Config(app, host=host, port=port, log_level="warning", http=_protocol_with_header_deadline(read_timeout),
                           timeout_graceful_shutdown=int(drain_timeout) + 30, timeout_keep_alive=5)
   Server(config).run()
+
+
+def _protocol_with_header_deadline(seconds: float):
+  """uvicorn's HTTP/1.1 protocol with a deadline on a request's headers: a client that trickles them
+  (slowloris) is cut off after `seconds` instead of holding a socket forever. uvicorn has its keep-alive
+  timeout, but any byte received resets that."""
+  from uvicorn.protocols.http.h11_impl import H11Protocol
+
+  class Protocol(H11Protocol):
+    def connection_made(self, transport):
+      super().connection_made(transport)
+      self._arm_header_deadline()
+
+    def on_response_complete(self):
+      super().on_response_complete()
+      self._arm_header_deadline()
+
+    def connection_lost(self, exc):
+      if getattr(self, "_header_deadline", None) is not None:
+        self._header_deadline.cancel()
+      super().connection_lost(exc)
+
+    def _arm_header_deadline(self):
+      if getattr(self, "_header_deadline", None) is not None:
+        self._header_deadline.cancel()
+      self._header_deadline = self.loop.call_later(seconds, self._headers_overdue, self.cycle)
+
+    def _headers_overdue(self, cycle_then):
+      if self.cycle is cycle_then and not self.transport.is_closing():  # no new request has begun since
+        self.transport.close()
+
+  return Protocol

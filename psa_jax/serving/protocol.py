@@ -11,6 +11,7 @@ import dataclasses
 import json
 import uuid
 
+from psa_jax.serving import tools
 from psa_jax.serving.request import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 MAX_STOP_STRINGS = 8
@@ -19,6 +20,7 @@ MAX_N = 16
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
 MAX_SCHEMA_CHARS = 65536  # a JSON schema or regex, as text
 MAX_CHOICES = 256
+MAX_MESSAGES = 1024
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -49,8 +51,7 @@ def field(body: dict, name: str, kinds, default, *, check=None, message=""):
 # Fields psa_jax does not implement, and the values that would need them. Anything else is refused by name.
 def _unsupported(body: dict) -> str | None:
   checks = {
-      "tools": lambda v: bool(v), "functions": lambda v: bool(v), "tool_choice": lambda v: v not in ("none", None),
-      "function_call": lambda v: v not in ("none", None), "parallel_tool_calls": lambda v: bool(v),
+      "functions": lambda v: bool(v), "function_call": lambda v: v not in ("none", None),
       "logit_bias": lambda v: bool(v), "suffix": lambda v: bool(v), "prediction": lambda v: bool(v),
       "audio": lambda v: bool(v), "modalities": lambda v: v != ["text"], "web_search_options": lambda v: bool(v),
       "guided_grammar": lambda v: True,
@@ -150,9 +151,10 @@ class Generation:
 
 
 def parse_generation(body: dict, *, chat: bool, prompt_len: int, context: int, defaults: GenerationDefaults,
-                     eos_ids: tuple[int, ...]) -> Generation:
+                     eos_ids: tuple[int, ...], forced_constraint: tuple | None = None) -> Generation:
   """The settings of a completions or chat completions body whose longest prompt is `prompt_len` tokens.
-  `stop_token_ids` add to the model's end-of-sequence tokens `eos_ids`, as in vLLM."""
+  `stop_token_ids` add to the model's end-of-sequence tokens `eos_ids`, as in vLLM. forced_constraint: an output
+  constraint the request implies besides its own fields (a forced tool call)."""
   name = _unsupported(body)
   if name is not None:
     raise BadRequest(f"'{name}' is not supported by this server", name)
@@ -166,9 +168,7 @@ def parse_generation(body: dict, *, chat: bool, prompt_len: int, context: int, d
     raise BadRequest(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of {context} "
                      "tokens", "max_tokens")
   n = field(body, "n", int, 1, check=lambda v: 1 <= v <= MAX_N, message=f"must be an integer in [1, {MAX_N}]")
-  best_of = field(body, "best_of", int, n, check=lambda v: v == n, message="must equal n (best_of is not "
-                  "supported)")
-  del best_of
+  field(body, "best_of", int, n, check=lambda v: v == n, message="must equal n (best_of is not supported)")
   echo = field(body, "echo", bool, False, message="a boolean")
   if echo and chat:
     raise BadRequest("'echo' is a completions field", "echo")
@@ -220,6 +220,10 @@ def parse_generation(body: dict, *, chat: bool, prompt_len: int, context: int, d
     raise BadRequest("'psa.tau' must be a number in (0, 1]", "psa.tau")
   stop_token_ids = None if stop_ids is None else tuple(dict.fromkeys((*eos_ids, *stop_ids)))
   constraint = _constraint(body)
+  if forced_constraint is not None:
+    if constraint is not None:
+      raise BadRequest(f"'{constraint[0]}' cannot be combined with a forced tool call", constraint[0])
+    constraint = forced_constraint
   if constraint is not None and ignore_eos:
     raise BadRequest("'ignore_eos' cannot be combined with constrained output, which ends at end-of-sequence",
                      "ignore_eos")
@@ -233,28 +237,41 @@ def parse_generation(body: dict, *, chat: bool, prompt_len: int, context: int, d
   return Generation(params, stops, n, stream, include_usage, echo, logprobs, attention, tau, constraint)
 
 
-def chat_messages(body: dict) -> list[dict]:
-  """The conversation, with text content only and OpenAI's roles (developer speaks as system)."""
+def chat_messages(body: dict, *, tools_ok: bool = False) -> list[dict]:
+  """The conversation, with text content only and OpenAI's roles (developer speaks as system). tools_ok: the
+  chat template renders tools, so tool results and assistant tool calls may appear (tools.py)."""
   messages = body.get("messages")
   if messages is None:
     raise BadRequest("'messages' is required", "messages")
-  if not isinstance(messages, list) or not messages:
-    raise BadRequest("'messages' must be a non-empty list", "messages")
+  if not isinstance(messages, list) or not messages or len(messages) > MAX_MESSAGES:
+    raise BadRequest(f"'messages' must be a non-empty list of at most {MAX_MESSAGES} messages", "messages")
   clean = []
   for i, m in enumerate(messages):
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
       raise BadRequest(f"messages[{i}] must be an object with a string 'role'", "messages")
-    if m["role"] == "tool" or m.get("tool_calls") or m.get("function_call"):
-      raise BadRequest(f"messages[{i}]: tool calls are not supported by this server", "messages")
-    if m["role"] not in ROLES:
+    calls = m["role"] == "tool" or (m["role"] == "assistant" and bool(m.get("tool_calls")))
+    if calls and not tools_ok:
+      raise BadRequest(f"messages[{i}]: tool calls need a chat template that renders them; this model's does not",
+                       "messages")
+    if m.get("function_call"):
+      raise BadRequest(f"messages[{i}]: the legacy 'function_call' is not supported; use 'tool_calls'", "messages")
+    if m["role"] not in ROLES and not (m["role"] == "tool" and tools_ok):
       raise BadRequest(f"messages[{i}].role must be one of {sorted(ROLES)}, got {m['role']!r}", "messages")
     content = m.get("content")
+    if content is None and calls and m["role"] == "assistant":  # an assistant turn that only called tools
+      content = ""
     if isinstance(content, list):  # OpenAI's content parts: text ones only
       if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
         raise BadRequest(f"messages[{i}].content: only text parts are supported", "messages")
       content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
       raise BadRequest(f"messages[{i}].content must be a string", "messages")
+    if calls:
+      try:
+        clean.append(tools.template_message({**m, "content": content}, i))
+      except tools.ToolError as e:
+        raise BadRequest(str(e), e.param) from e
+      continue
     clean.append({"role": ROLES[m["role"]], "content": content})
   return clean
 

@@ -6,10 +6,7 @@ import dataclasses
 import enum
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
-
-if TYPE_CHECKING:
-  from psa_jax.serving.grammar import TokenAutomaton
+from typing import Callable
 
 
 MAX_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit)
@@ -51,7 +48,7 @@ class SamplingParams:
   repetition_penalty: float = 1.0
   logprobs: int | None = None
   prompt_logprobs: int | None = None
-  grammar: "TokenAutomaton | None" = None  # psa_jax/serving/grammar.py; None: free text
+  grammar: object | None = None  # a grammar.TokenAutomaton (psa_jax/serving/grammar.py); None: free text
 
   def __post_init__(self):
     if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
