@@ -39,9 +39,11 @@ def test_serving_study_drives_a_real_server_at_every_concurrency(tmp_path):
 
   # --warmup=false: the server's own start-up warm-up compiles every shape up to --warmup_context, minutes with a
   # cold compilation cache; the study's warm-up compiles the few this workload meets.
+  # A tiny model: this pins the study's mechanics; the real figures come from running it on the default model.
+  tiny_models.save_tiny_hf(tmp_path / "model", "llama", seed=2)
   config = serving.ServingConfig(attentions=("psa",), schedulers=(), concurrencies=(1, 2), num_prompts=3,
-                                 prompt_tokens=64, output_tokens=8,
-                                 server_flags=("--max_context=512", "--kv_memory=256MiB", "--warmup=false"))
+                                 prompt_tokens=64, output_tokens=8, model=str(tmp_path / "model"),
+                                 server_flags=("--max_context=512", "--kv_memory=16MiB", "--warmup=false"))
   rows = serving.run(config, tmp_path)
   saved = json.loads((tmp_path / "serving.json").read_text())["rows"]
   assert saved == rows

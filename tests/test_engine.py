@@ -119,8 +119,8 @@ def test_randomized_workload_keeps_greedy_outputs_and_returns_every_page(model):
   eng.arena.check_whole()
   greedy = [r for r in live if r.finish_reason != "cancelled" and r.params.temperature == 0.0]
   assert len(greedy) > 8 and any(r.preemptions for r in greedy)
-  # Each comparison compiles `generate` for its lengths: eight, the preempted ones first, are enough.
-  for r in sorted(greedy, key=lambda r: -r.preemptions)[:8]:
+  # Each comparison compiles `generate` for its lengths: five, the preempted ones first, are enough.
+  for r in sorted(greedy, key=lambda r: -r.preemptions)[:5]:
     alone = generate(model, r.prompt, max_new_tokens=r.params.max_tokens, attention=eng.runner.backends[r.attention],
                      tau=r.tau)
     assert r.output == alone, (r.id, r.attention, r.preemptions)

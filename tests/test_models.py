@@ -157,9 +157,9 @@ def test_gguf_dequantizes_and_unpermutes_like_the_writer(tmp_path, tiny_llama, q
   if qtype == "F32":
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
       np.testing.assert_array_equal(got[name], hf.state_dict()[name].numpy())
-  loaded = checkpoint.load(tmp_path / "m.gguf", dtype=jnp.float32, use_cache=False)
+  decoder = checkpoint.build_decoder(config, got.items(), jnp.float32)
   ids = list(np.random.default_rng(1).integers(100, 49000, size=64))
-  assert_relative(our_logits(loaded.model, ids), hf_logits(hf, ids)[-1], rel)
+  assert_relative(our_logits(decoder, ids), hf_logits(hf, ids)[-1], rel)
 
 
 def test_converted_parameters_are_cached_and_restored(tmp_path, monkeypatch):
@@ -167,8 +167,14 @@ def test_converted_parameters_are_cached_and_restored(tmp_path, monkeypatch):
   tiny_models.save_tiny_hf(tmp_path / "hf", "qwen2")
   first = checkpoint.load(tmp_path / "hf", dtype=jnp.bfloat16)
   assert list((tmp_path / "cache").iterdir())
+  monkeypatch.setattr(checkpoint, "read_hf_directory", lambda *_: pytest.fail("the checkpoint was read again"))
   second = checkpoint.load(tmp_path / "hf", dtype=jnp.bfloat16)
   assert second.model.wq[...].dtype == jnp.bfloat16
+  # The config and tokenizer come from the cache too, without reading the checkpoint's files again.
+  assert second.model.config == first.model.config
+  text = "<|im_start|>user\nnaïve 東京<|im_end|>"
+  assert second.tokenizer.encode(text) == first.tokenizer.encode(text)
+  assert second.tokenizer.chat_template == first.tokenizer.chat_template
   np.testing.assert_array_equal(np.asarray(first.model.bq[...], np.float32),
                                 np.asarray(second.model.bq[...], np.float32))
 

@@ -3,6 +3,7 @@ and GGUF files written with gguf-py's GGUFWriter (llama.cpp's own writer)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -14,8 +15,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+@functools.lru_cache(maxsize=1)
 def smollm_tokenizer():
-  """The default model's tokenizer (vocabulary 49152), to give tiny models a real vocabulary."""
+  """The default model's tokenizer (vocabulary 49152), to give tiny models a real vocabulary. Read once per
+  process: parsing the GGUF's vocabulary takes seconds."""
   _, tok, _ = checkpoint.read_gguf(checkpoint.default_model_path())
   return tok
 

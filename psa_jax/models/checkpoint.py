@@ -7,6 +7,7 @@ parameters are cached with orbax-checkpoint so a second start skips dequantizati
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -286,32 +287,64 @@ def _cache_dir(path: pathlib.Path, dtype) -> pathlib.Path:
   return root / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
+def _save_metadata(cache: pathlib.Path, config: ModelConfig, tok: tokenizer_lib.Tokenizer) -> None:
+  try:
+    (cache / "metadata.json").write_text(json.dumps({"config": dataclasses.asdict(config),
+                                                     "tokenizer": tok.to_json()}))
+  except OSError as e:
+    print(f"psa_jax: could not cache the model's metadata at {cache}: {e}", file=sys.stderr)
+
+
+def _cached_metadata(cache: pathlib.Path):
+  """(ModelConfig, Tokenizer) saved beside cached parameters, or None."""
+  try:
+    meta = json.loads((cache / "metadata.json").read_text())
+    fields = meta["config"]
+    if fields.get("rope_scaling") is not None:
+      fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+    for name in ("rope_freq_factors", "eos_token_ids"):  # JSON has lists; the config holds tuples
+      if fields.get(name) is not None:
+        fields[name] = tuple(fields[name])
+    return ModelConfig(**fields), tokenizer_lib.Tokenizer.from_json(meta["tokenizer"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
 def load(model: str | os.PathLike | None = None, *, dtype=jnp.bfloat16, use_cache: bool = True) -> LoadedModel:
   """Loads a GGUF file, a Hugging Face directory or the default model (None or "smollm2-135m-instruct")."""
   import orbax.checkpoint as ocp
 
   path = resolve(model)
-  if path.is_dir():
-    config, tok, tensors = read_hf_directory(path)
-  elif path.suffix == ".gguf" or path.is_file():
-    config, tok, tensors = read_gguf(path)
-  else:
+  if not path.is_dir() and not path.is_file():
     raise CheckpointError(f"{path} is neither a .gguf file nor a directory")
   cache = _cache_dir(path, dtype) if use_cache else None
+  meta = _cached_metadata(cache) if cache is not None else None
+  if meta is not None:  # reading a GGUF's header (its vocabulary, ~100k strings) takes seconds: skip it
+    config, tok = meta
+    tensors = None
+  elif path.is_dir():
+    config, tok, tensors = read_hf_directory(path)
+  else:
+    config, tok, tensors = read_gguf(path)
   if cache is not None and (cache / "params").exists():
     abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype))
     graphdef, state = nnx.split(abstract)
     try:
       restored = ocp.StandardCheckpointer().restore(cache / "params", state)
+      if meta is None:
+        _save_metadata(cache, config, tok)
       return LoadedModel(nnx.merge(graphdef, restored), tok, str(path), generation_config(path))
     except Exception as e:  # a stale or broken cache is rebuilt, not fatal
       print(f"psa_jax: ignoring unreadable parameter cache {cache}: {e}", file=sys.stderr)
+  if tensors is None:  # metadata cached but the parameters are not (or are unreadable): read the file after all
+    config, tok, tensors = read_hf_directory(path) if path.is_dir() else read_gguf(path)
   decoder = build_decoder(config, tensors(), dtype)
   if cache is not None:
     try:
       checkpointer = ocp.StandardCheckpointer()
       checkpointer.save(cache / "params", nnx.state(decoder), force=True)
       checkpointer.wait_until_finished()
+      _save_metadata(cache, config, tok)
     except Exception as e:
       print(f"psa_jax: could not cache converted parameters at {cache}: {e}", file=sys.stderr)
   # Orbax restores arrays committed to their device; commit the converted ones too. Committed and uncommitted

@@ -29,6 +29,18 @@ class Tokenizer:
     self.chat_template = chat_template
     self.add_bos = add_bos
 
+  def to_json(self) -> str:
+    """Everything needed to rebuild this tokenizer (`from_json`), as one JSON document."""
+    return json.dumps({"backend": self.backend.to_str(), "bos_token_id": self.bos_token_id,
+                       "eos_token_ids": list(self.eos_token_ids), "chat_template": self.chat_template,
+                       "add_bos": self.add_bos})
+
+  @classmethod
+  def from_json(cls, text: str) -> "Tokenizer":
+    d = json.loads(text)
+    return cls(tokenizers.Tokenizer.from_str(d["backend"]), bos_token_id=d["bos_token_id"],
+               eos_token_ids=d["eos_token_ids"], chat_template=d["chat_template"], add_bos=d["add_bos"])
+
   @property
   def vocab_size(self) -> int:
     return self.backend.get_vocab_size(with_added_tokens=True)
