@@ -33,12 +33,13 @@ def _start(scenario: str, devices: int | None = 8, **kwargs) -> subprocess.Popen
   code = (f"import json, tests.test_sharding as t\n"
           f"print('RESULT ' + json.dumps(t.{scenario}(**{kwargs!r})))")
   env = dict(os.environ, PSA_JAX_QUIET="1")
-  env.pop("XLA_FLAGS", None)
   # Not the run's shared compilation cache: two processes of one multi-host run that meet it in different
   # states (one loads a program, the other compiles it) were seen to hang in step.
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
   return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
