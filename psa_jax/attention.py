@@ -27,7 +27,7 @@ import numpy as np
 
 from psa_jax.pallas_kernels import progressive, reference, scoring, selection, stopping, storage
 from psa_jax.pallas_kernels.summaries import BlockSummaries
-from psa_jax.config import IMPLS, DenseConfig, PSAConfig, TopKConfig
+from psa_jax.config import IMPLS, DenseConfig, PSAConfig, TopKConfig, check_tau
 
 
 def _resolve_impl(impl: str) -> str:
@@ -196,8 +196,9 @@ def _run(kind, q, k_pages, v_pages, block_table, lengths, summaries, config, tau
     interpret = jax.default_backend() != "gpu"
   batch = q.shape[0]
   tau_value = _concrete(tau)
-  if tau_value is not None and ((tau_value <= 0).any() or (tau_value > 1).any()):
-    raise ValueError(f"tau must be in (0, 1], got {tau_value}")
+  if tau_value is not None:  # a traced tau is checked where it was made (config, engine, server)
+    for value in np.unique(tau_value):
+      check_tau(float(value))
   tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (batch,))
   return _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau, kind=kind, config=config,
                            impl=impl, interpret=interpret)

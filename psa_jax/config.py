@@ -20,6 +20,14 @@ TAILS = ("mixed", "scores", "last_chunk")
 IMPLS = ("auto", "pallas", "xla", "reference")
 
 
+def check_tau(tau, name: str = "tau") -> float:
+  """PSA's threshold, checked here and nowhere else: a number in (0, 1] (1 visits every block, which is dense
+  attention). Returns it as a float."""
+  if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < float(tau) <= 1.0:
+    raise ValueError(f"{name} must be a number in (0, 1], got {tau!r}")
+  return float(tau)
+
+
 def _check_nonneg(name: str, value: int) -> None:
   if not isinstance(value, int) or value < 0:
     raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -121,8 +129,7 @@ class PSAConfig:
       raise ValueError(f"patience must be an int >= 1, got {self.patience!r}")
     if not isinstance(self.compensate, bool):
       raise ValueError(f"compensate must be a bool, got {self.compensate!r}")
-    if not isinstance(self.tau, (int, float)) or not 0.0 < float(self.tau) <= 1.0:
-      raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
+    check_tau(self.tau)
     if self.max_blocks is not None:
       _check_nonneg("max_blocks", self.max_blocks)
     _check_nonneg("min_blocks", self.min_blocks)

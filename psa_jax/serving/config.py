@@ -8,7 +8,7 @@ import re
 from psa_jax.models.parallel import MeshConfig
 from psa_jax.pallas_kernels import storage
 from psa_jax.backend import KINDS
-from psa_jax.config import PSAConfig
+from psa_jax.config import PSAConfig, check_tau
 from psa_jax.serving.request import SamplingParams  # re-exported: a request's settings
 from psa_jax.serving.scheduler import SchedulerConfig
 
@@ -58,8 +58,7 @@ class EngineConfig:
   def __post_init__(self):
     if self.attention not in KINDS:
       raise ValueError(f"attention must be one of {tuple(KINDS)}, got {self.attention!r}")
-    if not 0.0 < self.psa_tau <= 1.0:
-      raise ValueError(f"psa_tau must be in (0, 1], got {self.psa_tau}")
+    check_tau(self.psa_tau, "psa_tau")
     if self.dense_layers < 0:
       raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
     self.scheduler_config()  # validates the scheduler's fields

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from psa_jax.config import check_tau
 from psa_jax.models import parallel
 from psa_jax.models.llama import Decoder
 from psa_jax.models.tokenizer import Tokenizer
@@ -130,9 +131,7 @@ class Engine:
     attention = attention or self.config.attention
     if attention not in self.runner.backends:
       raise ValueError(f"attention must be one of {tuple(self.runner.backends)}, got {attention!r}")
-    tau = self.config.psa_tau if tau is None else float(tau)
-    if not 0.0 < tau <= 1.0:
-      raise ValueError(f"tau must be in (0, 1], got {tau}")
+    tau = self.config.psa_tau if tau is None else check_tau(tau)
     need = self.arena.pages_needed(-1, len(prompt) + params.max_tokens)
     if need > self.arena.num_pages:
       raise ValueError(f"request needs {need} KV pages, the arena holds {self.arena.num_pages}")

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import uuid
 
+from psa_jax.config import check_tau
 from psa_jax.serving import tools
 from psa_jax.serving.request import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
@@ -216,8 +217,11 @@ def parse_generation(body: dict, *, chat: bool, prompt_len: int, context: int, d
   if attention is not None and attention not in ("dense", "topk", "psa"):
     raise BadRequest("'psa.attention' must be 'dense', 'topk' or 'psa'", "psa.attention")
   tau = extra.get("tau")
-  if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1):
-    raise BadRequest("'psa.tau' must be a number in (0, 1]", "psa.tau")
+  if tau is not None:
+    try:
+      tau = check_tau(tau, "'psa.tau'")
+    except ValueError as e:
+      raise BadRequest(str(e), "psa.tau") from e
   stop_token_ids = None if stop_ids is None else tuple(dict.fromkeys((*eos_ids, *stop_ids)))
   constraint = _constraint(body)
   if forced_constraint is not None:
