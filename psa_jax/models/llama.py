@@ -178,13 +178,7 @@ class Decoder(nnx.Module):
       x = x + self._mm(attn.reshape(b, t, -1).astype(x.dtype), w, "wo")
       return (self._mlp(w, x), kv), (q, k, v) if collect_qkv else None
 
-    def write_and_attend(kv, q, k, v, table, start, num):
-      kv = write_tokens(kv, k, v, table, start, num)
-      pos = start[:, None] + jnp.arange(q.shape[1])[None, :]
-      return kv, _causal_context_attention(q, gather_context(kv.k, table), gather_context(kv.v, table), pos,
-                                           query_chunk)
-
-    attend = parallel.prefill_attention(write_and_attend, mesh)
+    attend = parallel.prefill_attention(functools.partial(prefill_attention_step, query_chunk), mesh)
     (x, kv), qkv = jax.lax.scan(layer, (x, kv), (self._layers(), block_tables))
     return (x, kv, qkv) if collect_qkv else (x, kv)
 
@@ -212,19 +206,7 @@ class Decoder(nnx.Module):
     if tau is None:
       tau = jnp.full((b,), getattr(attention.config, "tau", 1.0), jnp.float32)
 
-    dense_layers = getattr(attention, "dense_layers", 0)
-
-    def write_and_attend(gather_rows, kv, q, k, v, table, positions, writes, tau, layer):
-      k_all, v_all, table_all, pos_all, writes_all = gather_rows((k, v, table, positions, writes))
-      kv = write_tokens(kv, k_all[:, None], v_all[:, None], table_all, pos_all, writes_all)
-      args = (q, kv.k, kv.v, table, positions + 1, kv.summaries, tau)
-      if dense_layers:  # the first layers attend densely (their attention is the most diffuse)
-        out, used = jax.lax.cond(layer < dense_layers, lambda a: attention.dense()(*a), lambda a: attention(*a), args)
-      else:
-        out, used = attention(*args)
-      return kv, out, used
-
-    attend = parallel.decode_attention(write_and_attend, mesh)
+    attend = parallel.decode_attention(functools.partial(decode_attention_step, attention), mesh)
 
     def project(w, x):
       return self._qkv(w, rms_norm(x, w["attn_norm"], c.rms_eps), positions)
@@ -251,6 +233,37 @@ class Decoder(nnx.Module):
 
     (x, kv), used = jax.lax.scan(layer, (x, kv), (jnp.arange(c.num_layers), weights, block_tables))
     return self.logits(x), kv, used
+
+
+def decode_attention_step(attention, gather_rows, kv: PagedKV, q, k, v, table, positions, writes, tau, layer):
+  """One layer's attention for one new token per sequence: the token's k, v go into the arena, then `attention`
+  (an AttentionBackend: dense, top-k, or PSA with each sequence's tau) reads the sequence's pages. Layers below
+  `attention.dense_layers` attend densely. `Decoder.decode` calls this through `parallel.decode_attention`, which
+  on a mesh runs it per device on its own KV heads; `gather_rows` collects the whole batch's rows for the write
+  (every data replica holds every sequence's pages) and is the identity without a mesh.
+
+  q [B, Hq, D]; k, v [B, H, D]; table [B, M]; positions, writes, tau [B]; layer [] (its index).
+  Returns (kv, out [B, Hq, D], blocks read [B, H]).
+  """
+  k_all, v_all, table_all, pos_all, writes_all = gather_rows((k, v, table, positions, writes))
+  kv = write_tokens(kv, k_all[:, None], v_all[:, None], table_all, pos_all, writes_all)
+  args = (q, kv.k, kv.v, table, positions + 1, kv.summaries, tau)
+  dense_layers = getattr(attention, "dense_layers", 0)
+  if dense_layers:  # the first layers attend densely (their attention is the most diffuse)
+    return kv, *jax.lax.cond(layer < dense_layers, lambda a: attention.dense()(*a), lambda a: attention(*a), args)
+  return kv, *attention(*args)
+
+
+def prefill_attention_step(query_chunk: int, kv: PagedKV, q, k, v, table, start, num):
+  """One layer's attention for a span of prompt tokens per sequence: the span's k, v go into the arena, then
+  each query attends causally to its sequence's context (dense: prompts are read whole). `Decoder.prefill`
+  calls this through `parallel.prefill_attention` (per device on its own KV heads on a mesh).
+
+  q [B, T, Hq, D]; k, v [B, T, H, D]; table [B, M]; start, num [B]. Returns (kv, out [B, T, Hq, D]).
+  """
+  kv = write_tokens(kv, k, v, table, start, num)
+  pos = start[:, None] + jnp.arange(q.shape[1])[None, :]
+  return kv, _causal_context_attention(q, gather_context(kv.k, table), gather_context(kv.v, table), pos, query_chunk)
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -130,7 +130,8 @@ def data_size(mesh: Mesh | None) -> int:
 
 
 def decode_attention(run, mesh: Mesh | None):
-  """Wraps a decode step's `run(kv, q, k, v, table, positions, writes, tau, layer) -> (kv, out, used)` so that,
+  """Wraps a decode step's attention (`llama.decode_attention_step`, its backend bound):
+  `run(gather_rows, kv, q, k, v, table, positions, writes, tau, layer) -> (kv, out, used)`, so that,
   on a mesh, each device runs it on its own KV heads and batch rows. Shapes (global): q [B, Hq, D]; k, v [B, H, D];
   table [B, M]; positions, writes, tau [B]; layer [] (the layer index); out [B, Hq, D]; used [B, H].
 
@@ -153,7 +154,8 @@ def decode_attention(run, mesh: Mesh | None):
 
 
 def prefill_attention(run, mesh: Mesh | None):
-  """Wraps a prefill span's `run(kv, q, k, v, table, start, num) -> (kv, out)` so that, on a mesh, each device
+  """Wraps a prefill span's attention (`llama.prefill_attention_step`, its query chunk bound):
+  `run(kv, q, k, v, table, start, num) -> (kv, out)`, so that, on a mesh, each device
   handles its own KV heads (the span is replicated over the data axis). q [B, T, Hq, D]; k, v [B, T, H, D];
   table [B, M]; start, num [B]; out [B, T, Hq, D]."""
   if mesh is None:
