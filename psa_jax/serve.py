@@ -65,7 +65,8 @@ def main(argv):
 
   from psa_jax.models import checkpoint, parallel
   from psa_jax.serving import compilation
-  from psa_jax.serving.config import EngineConfig
+  from psa_jax.serving.config import AttentionDefaults, CacheConfig, EngineConfig, ParallelConfig
+  from psa_jax.serving.scheduler import SchedulerConfig
   from psa_jax.serving.engine import Engine
   from psa_jax.serving.http import serve
   from psa_jax.serving.protocol import GenerationDefaults
@@ -90,22 +91,22 @@ def main(argv):
     model = quantize_int8(model)
   try:
     config = EngineConfig(
-        attention=_ATTENTION.value, psa_tau=shared.PSA_TAU.value, topk_blocks=shared.TOPK_BLOCKS.value,
-        dense_layers=shared.DENSE_LAYERS.value,
-        block_size=_BLOCK.value,
-        kv_memory=kv_memory, max_batch=_MAX_BATCH.value,
-        max_context=_MAX_CONTEXT.value or model.config.max_context, decode_window=_WINDOW.value,
-        prefill_chunk=_PREFILL_CHUNK.value, mesh=_MESH.value, kv_dtype=shared.KV_DTYPE.value,
-        scheduler_policy=_SCHEDULER.value,
-        max_num_batched_tokens=_BATCHED_TOKENS.value or (512 if cpu else 2048),
-        max_window_seconds=_WINDOW_SECONDS.value)
+        attention=AttentionDefaults(kind=_ATTENTION.value, psa_tau=shared.PSA_TAU.value,
+                                    topk_blocks=shared.TOPK_BLOCKS.value, dense_layers=shared.DENSE_LAYERS.value),
+        cache=CacheConfig(kv_memory=kv_memory, block_size=_BLOCK.value, kv_dtype=shared.KV_DTYPE.value,
+                          max_context=_MAX_CONTEXT.value or model.config.max_context),
+        scheduler=SchedulerConfig(max_batch=_MAX_BATCH.value,
+                                  max_num_batched_tokens=_BATCHED_TOKENS.value or (512 if cpu else 2048),
+                                  prefill_chunk=_PREFILL_CHUNK.value, decode_window=_WINDOW.value,
+                                  max_window_seconds=_WINDOW_SECONDS.value, policy=_SCHEDULER.value),
+        parallel=ParallelConfig(mesh=_MESH.value))
     engine = Engine(model, loaded.tokenizer, config)
   except ValueError as e:  # a flag the model or the machine cannot honour
     raise SystemExit(f"psa_jax: {e}") from None
   if _WARMUP.value:
     engine.warmup(context=_WARMUP_CONTEXT.value, progress=True)
   name = _NAME.value or (shared.MODEL.value or checkpoint.DEFAULT_MODEL)
-  print(f"psa_jax: KV arena of {engine.arena.num_pages} pages ({config.attention} attention) on "
+  print(f"psa_jax: KV arena of {engine.arena.num_pages} pages ({config.attention.kind} attention) on "
         f"{parallel.describe(engine.mesh)}; "
         f"serving {name!r} on http://{_HOST.value}:{_PORT.value}", file=sys.stderr, flush=True)
   defaults = GenerationDefaults(temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,

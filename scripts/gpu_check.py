@@ -277,7 +277,7 @@ def random_decoder(p: Profile, key_scale: float):
 def stage_engine(rec: Recorder, p: Profile, key_scale: float) -> None:
   import numpy as np
   from psa_jax.bench.e2e import prefill_and_hold, timed_decode
-  from psa_jax.serving.config import EngineConfig
+  from psa_jax.serving.config import AttentionDefaults, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
   from psa_jax.serving.engine import Engine
 
   t0 = time.perf_counter()
@@ -291,8 +291,10 @@ def stage_engine(rec: Recorder, p: Profile, key_scale: float) -> None:
   blocks = -(-longest // 16) + 1
   num_pages = c.num_layers * (blocks + 2 * max(p.engine_batches) + 8)  # one prompt, shared by the forks
   engine = Engine(model, None, EngineConfig(
-      attention="dense", topk_blocks=p.topk_blocks, max_batch=max(p.engine_batches), max_context=longest,
-      decode_window=window, prefill_chunk=p.prefill_chunk, mesh="none"), num_pages=num_pages)
+      attention=AttentionDefaults(kind="dense", topk_blocks=p.topk_blocks), cache=CacheConfig(max_context=longest),
+      scheduler=SchedulerConfig(max_batch=max(p.engine_batches), decode_window=window,
+                                prefill_chunk=p.prefill_chunk),
+      parallel=ParallelConfig(mesh="none")), num_pages=num_pages)
   rng = np.random.default_rng(0)
   for i, context in enumerate(p.engine_contexts):
     prompt = rng.integers(0, c.vocab_size, context).tolist()

@@ -76,9 +76,9 @@ def test_shape_errors_surface_under_jit_too():
 
 @pytest.mark.parametrize("tau", [0.0, -0.1, 1.5, float("nan"), True, "0.5", None])
 def test_tau_has_one_check_and_every_entry_uses_it(tau):
-  """check_tau is the rule; the attention config, the engine config and the server's field all report through it."""
+  """check_tau is the rule; the attention config, the engine's defaults and the server's field report through it."""
   from psa_jax.config import check_tau
-  from psa_jax.serving.config import EngineConfig
+  from psa_jax.serving.config import AttentionDefaults
   from psa_jax.serving.protocol import BadRequest, GenerationDefaults, parse_generation
 
   with pytest.raises(ValueError, match=r"must be a number in \(0, 1\]"):
@@ -86,7 +86,7 @@ def test_tau_has_one_check_and_every_entry_uses_it(tau):
   with pytest.raises(ValueError, match="tau must be a number"):
     PSAConfig(tau=tau)
   with pytest.raises(ValueError, match="psa_tau must be a number"):
-    EngineConfig(psa_tau=tau)
+    AttentionDefaults(psa_tau=tau)
   if tau is not None:  # a request without psa.tau uses the server's
     with pytest.raises(BadRequest, match="psa.tau' must be a number"):
       parse_generation({"prompt": "x", "psa": {"tau": tau}}, chat=False, prompt_len=1, context=64,

@@ -17,8 +17,9 @@ from psa_jax.models.llama import Decoder
 from psa_jax import AttentionBackend
 from psa_jax.serving import steps
 from psa_jax.serving.arena import ArenaFull, KVArena
-from psa_jax.serving.config import EngineConfig, SamplingParams, parse_memory
+from psa_jax.serving.config import CacheConfig, ParallelConfig, SamplingParams, parse_memory
 from psa_jax.serving.engine import Engine
+from tests.tiny_models import engine_config
 
 TINY = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, intermediate_size=128, max_context=1024, eos_token_ids=(3,))
@@ -38,7 +39,7 @@ def engine(model, **kw):
   num_pages = kw.pop("num_pages", 600)
   config = dict(attention="dense", max_batch=4, decode_window=8, prefill_chunk=32, max_context=1024)
   config.update(kw)
-  return Engine(model, None, EngineConfig(**config), num_pages=num_pages)
+  return Engine(model, None, engine_config(**config), num_pages=num_pages)
 
 
 @pytest.mark.slow
@@ -187,14 +188,14 @@ def test_bad_sampling_params_are_rejected(field, value):
 
 def test_unknown_kv_dtype_is_rejected(model):
   with pytest.raises(ValueError, match="kv_dtype"):
-    EngineConfig(kv_dtype="int4")
+    CacheConfig(kv_dtype="int4")
   with pytest.raises(ValueError, match="kv_dtype"):
     generate(model, [5, 6], max_new_tokens=2, kv_dtype="int4")
 
 
 def test_unknown_layer_weights_layout_is_rejected():
   with pytest.raises(ValueError, match="layer_weights must be one of"):
-    EngineConfig(layer_weights="interleaved")
+    ParallelConfig(layer_weights="interleaved")
 
 
 def test_memory_budget_spellings():

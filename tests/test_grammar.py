@@ -13,9 +13,9 @@ from flax import nnx
 from psa_jax.models.config import ModelConfig
 from psa_jax.models.llama import Decoder
 from psa_jax.serving import grammar
-from psa_jax.serving.config import EngineConfig, SamplingParams
+from psa_jax.serving.config import SamplingParams
 from psa_jax.serving.engine import Engine
-from tests.tiny_models import smollm_tokenizer
+from tests.tiny_models import engine_config, smollm_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]},
                                            "code": {"type": "string", "pattern": "[a-z]{2}[0-9]"}},
@@ -84,8 +84,8 @@ def noise_engine(tokenizer, vocab):
   config = ModelConfig(arch="llama", vocab_size=vocab, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                        head_dim=16, intermediate_size=64, max_context=256, eos_token_ids=tokenizer.eos_token_ids)
   model = Decoder(config, dtype=jnp.float32, rngs=nnx.Rngs(3))
-  return Engine(model, tokenizer, EngineConfig(attention="dense", max_batch=4, decode_window=8, prefill_chunk=32,
-                                               max_context=256), num_pages=64)
+  return Engine(model, tokenizer, engine_config(attention="dense", max_batch=4, decode_window=8, prefill_chunk=32,
+                                                max_context=256), num_pages=64)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -60,12 +60,13 @@ def _greedy_on_meshes(model, meshes, prompts, max_tokens, kinds=("dense", "psa")
   import jax.numpy as jnp
   from flax import nnx
 
-  from psa_jax.serving.config import EngineConfig, SamplingParams
+  from psa_jax.serving.config import SamplingParams
   from psa_jax.serving.engine import Engine
+  from tests.tiny_models import engine_config
 
   results = {}
   for mesh in meshes:
-    engine = Engine(nnx.clone(model), None, EngineConfig(
+    engine = Engine(nnx.clone(model), None, engine_config(
         mesh=mesh, max_batch=8, kv_memory="16MiB", max_context=min(1024, model.config.max_context),
         decode_window=4, prefill_chunk=32, psa_tau=0.9))
     assert engine.arena.kv.k.dtype == jnp.float32
@@ -114,11 +115,12 @@ def _scenario_decode_hlo(mesh):
 
   from psa_jax.models.llama import Decoder
   from psa_jax.serving import steps
-  from psa_jax.serving.config import EngineConfig, SamplingParams
+  from psa_jax.serving.config import SamplingParams
   from psa_jax.serving.engine import Engine
+  from tests.tiny_models import engine_config
 
   engine = Engine(Decoder(WIDE, dtype=jnp.float32, rngs=nnx.Rngs(3)), None,
-                  EngineConfig(mesh=mesh, max_batch=8, kv_memory="4MiB", max_context=256, attention="psa"))
+                  engine_config(mesh=mesh, max_batch=8, kv_memory="4MiB", max_context=256, attention="psa"))
   calls = []
   decode_window = steps.decode_window
   steps.decode_window = lambda *a, **k: calls.append((a, k)) or decode_window(*a, **k)
@@ -192,16 +194,16 @@ def _scenario_split_weights_on_a_mesh():
   from flax import nnx
 
   from psa_jax.models.llama import Decoder
-  from psa_jax.serving.config import EngineConfig
+  from tests.tiny_models import engine_config
   from psa_jax.serving.engine import Engine
   model = Decoder(WIDE, dtype=jnp.float32, rngs=nnx.Rngs(0))
   config = dict(mesh="data=2,model=4", kv_memory="4MiB", max_context=256)
   try:
-    Engine(model, None, EngineConfig(layer_weights="split", **config))
+    Engine(model, None, engine_config(layer_weights="split", **config))
     error = None
   except ValueError as e:
     error = str(e)
-  return {"error": error, "auto_splits": Engine(model, None, EngineConfig(**config)).splits_layers}
+  return {"error": error, "auto_splits": Engine(model, None, engine_config(**config)).splits_layers}
 
 
 def test_split_layer_weights_are_refused_on_a_mesh_and_auto_keeps_them_stacked():

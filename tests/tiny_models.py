@@ -146,3 +146,27 @@ def save_smollm_tokenizer(path: pathlib.Path) -> None:
   (path / "tokenizer_config.json").write_text(json.dumps({
       "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": name(tok.eos_token_ids[0]),
       "bos_token": name(tok.bos_token_id), "chat_template": tok.chat_template, "model_max_length": 8192}))
+
+
+_GROUPS = {"attention": ("kind", "psa_tau", "topk_blocks", "dense_layers", "impl"),
+           "cache": ("kv_memory", "block_size", "kv_dtype", "max_context"),
+           "scheduler": ("max_batch", "max_num_batched_tokens", "prefill_chunk", "decode_window", "max_window_seconds",
+                         "policy"),
+           "parallel": ("mesh", "layer_weights")}
+
+
+def engine_config(**fields):
+  """An EngineConfig from the group fields the tests vary, named as in their groups (attention's `kind` may be
+  given as `attention`, the scheduler's `policy` as `scheduler_policy`)."""
+  from psa_jax.serving import config as serving_config
+  from psa_jax.serving.scheduler import SchedulerConfig
+
+  renamed = {"attention": "kind", "scheduler_policy": "policy"}
+  fields = {renamed.get(k, k): v for k, v in fields.items()}
+  kinds = {"attention": serving_config.AttentionDefaults, "cache": serving_config.CacheConfig,
+           "scheduler": SchedulerConfig, "parallel": serving_config.ParallelConfig}
+  groups = {group: kinds[group](**{k: fields.pop(k) for k in names if k in fields})
+            for group, names in _GROUPS.items()}
+  if fields:
+    raise TypeError(f"not engine config fields: {sorted(fields)}")
+  return serving_config.EngineConfig(**groups)

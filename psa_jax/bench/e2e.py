@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from psa_jax.models import checkpoint
 from psa_jax.bench import common
 from psa_jax.config import PSAConfig
-from psa_jax.serving.config import EngineConfig, SamplingParams
+from psa_jax.serving.config import (AttentionDefaults, CacheConfig, EngineConfig, ParallelConfig, SamplingParams,
+                                    SchedulerConfig)
 from psa_jax.serving.engine import Engine
 
 
@@ -54,7 +55,7 @@ def timed_decode(engine: Engine, base, attention: str, batch: int, decode_steps:
   """`batch` forks of the held `base` decode `decode_steps` tokens each (rounded up to whole windows) after one
   warm-up window. Returns ms_per_token (per sequence, median window), its fastest and slowest window,
   tokens_per_s (all sequences, at the median) and the KV share read."""
-  window = engine.config.decode_window
+  window = engine.config.scheduler.decode_window
   windows = max(1, -(-decode_steps // window))
   # max_tokens counts the parent's output too: leave room for the warm-up window and the timed windows.
   params = SamplingParams(max_tokens=len(base.output) + window * (windows + 1) + 1, stop_token_ids=())
@@ -91,10 +92,11 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
   blocks = -(-longest // 16) + 1
   num_pages = c.num_layers * blocks * (max(config.batches) + 1)
   engine = Engine(model, lm.tokenizer, EngineConfig(
-      attention="dense", psa_tau=config.psa_tau, topk_blocks=config.topk_blocks, max_batch=max(config.batches),
-      max_context=c.max_context, decode_window=config.decode_window,
-      prefill_chunk=config.prefill_chunk, kv_dtype=config.kv_dtype, layer_weights=config.layer_weights),
-      num_pages=num_pages)
+      attention=AttentionDefaults(kind="dense", psa_tau=config.psa_tau, topk_blocks=config.topk_blocks),
+      cache=CacheConfig(kv_dtype=config.kv_dtype, max_context=c.max_context),
+      scheduler=SchedulerConfig(max_batch=max(config.batches), decode_window=config.decode_window,
+                                prefill_chunk=config.prefill_chunk),
+      parallel=ParallelConfig(layer_weights=config.layer_weights)), num_pages=num_pages)
   layer_weights = "split" if engine.splits_layers else "stacked"
   text_ids = lm.tokenizer.encode(common.prose(60 * max(config.contexts)))
   rows = []

@@ -18,7 +18,7 @@ from psa_jax.models import checkpoint, parallel
 from psa_jax.bench import common
 from psa_jax.config import PSAConfig
 from psa_jax.bench.e2e import prefill_and_hold, timed_decode
-from psa_jax.serving.config import EngineConfig
+from psa_jax.serving.config import AttentionDefaults, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from psa_jax.serving.engine import Engine
 
 
@@ -48,8 +48,10 @@ def run(config: ShardingConfig, out_dir) -> list[dict]:
       continue
     blocks = -(-(len(prompt) + extra) // 16) + 1
     engine = Engine(nnx.clone(lm.model), lm.tokenizer, EngineConfig(
-        attention="dense", psa_tau=config.psa_tau, max_batch=config.batch, max_context=c.max_context,
-        decode_window=config.decode_window, mesh=mesh), num_pages=c.num_layers * blocks * (config.batch + 1))
+        attention=AttentionDefaults(kind="dense", psa_tau=config.psa_tau),
+        cache=CacheConfig(max_context=c.max_context),
+        scheduler=SchedulerConfig(max_batch=config.batch, decode_window=config.decode_window),
+        parallel=ParallelConfig(mesh=mesh)), num_pages=c.num_layers * blocks * (config.batch + 1))
     common.progress(f"mesh {mesh}: {parallel.describe(engine.mesh)}; prefilling {len(prompt)} tokens")
     base, ttft = prefill_and_hold(engine, prompt, extra)
     for attention in config.attentions:

@@ -80,13 +80,14 @@ def warmup(engine, *, context: int | None = None, kinds: tuple[str, ...] | None 
   for `kinds` (default: the engine's attention) up to `context` tokens (default: its max_context). Draws a
   progress bar on stderr. Returns {"shapes", "seconds", "compiles"}."""
   config = engine.config
-  context = min(context or config.max_context, config.max_context)
+  context = min(context or config.cache.max_context, config.cache.max_context)
   counter = compile_counter()
   before = counter.compiles
   shapes = []
-  for kind in kinds or (config.attention,):
-    for shape in engine.runner.warmup_shapes(kind, context, config.max_batch, config.max_num_batched_tokens,
-                                             config.prefill_chunk):
+  for kind in kinds or (config.attention.kind,):
+    for shape in engine.runner.warmup_shapes(kind, context, config.scheduler.max_batch,
+                                             config.scheduler.max_num_batched_tokens,
+                                             config.scheduler.prefill_chunk):
       if shape not in shapes:
         shapes.append(shape)
   began = time.perf_counter()

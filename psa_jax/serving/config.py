@@ -1,4 +1,4 @@
-"""Engine and per-request configuration."""
+"""Engine and per-request configuration: frozen groups an entry point builds from its flags."""
 
 from __future__ import annotations
 
@@ -8,78 +8,9 @@ import re
 from psa_jax.models.parallel import MeshConfig
 from psa_jax.pallas_kernels import storage
 from psa_jax.backend import KINDS
-from psa_jax.config import PSAConfig, check_tau
+from psa_jax.config import IMPLS, PSAConfig, check_tau
 from psa_jax.serving.request import SamplingParams  # re-exported: a request's settings
 from psa_jax.serving.scheduler import SchedulerConfig
-
-
-LAYER_WEIGHTS = ("auto", "stacked", "split")
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-  """attention: default backend kind ("dense", "topk", "psa"); psa_tau, topk_blocks: their defaults;
-  dense_layers: the model's first layers attend densely whatever the kind.
-  kv_memory: the arena's size, "2GiB", "512MB", a byte count, or a share of device memory such as "0.5".
-  max_context: longest prompt + output.
-  max_batch, max_num_batched_tokens, prefill_chunk, decode_window, max_window_seconds, scheduler_policy: the
-    scheduler's (SchedulerConfig, psa_jax/serving/scheduler.py): requests admitted at once, prefill tokens per
-    step, most tokens of one prompt per step, most decode steps between host reads and the wall time a window
-    aims to stay under, and "budget" or "serial".
-  mesh: how to spread the model over devices (psa_jax/models/parallel.py): "auto" (every local device, on the model
-    axis as far as the head counts divide, the rest on the data axis), "none" (one device), or "data=2,model=4".
-  kv_dtype: the KV cache's dtype: "model" (the model's), "float32" or "bfloat16". bfloat16 halves the arena and
-    the bytes every decode step reads (on CPU it is stored packed, psa_jax/pallas_kernels/storage.py); the entry points
-    (serve, bench) default to it, like llama.cpp's f16 cache.
-  layer_weights: how decode reaches a layer's weights: "stacked" (slices of the model's stacked arrays, which
-    XLA:CPU copies out every step), "split" (arrays of their own, `Decoder.split_layers`: read in place, at the
-    cost of a second copy of the layer weights in memory; one device only), or "auto" (split on CPU without a
-    mesh). Measured: 4-6 ms less per token at 1K, batch 1 on the 2-core development VM.
-  """
-
-  attention: str = "psa"
-  psa_tau: float = PSAConfig.tau
-  topk_blocks: int = 32
-  dense_layers: int = 0
-  block_size: int = 16
-  kv_memory: str = "0.25"
-  max_batch: int = 8
-  max_context: int = 8192
-  decode_window: int = 16
-  prefill_chunk: int = 512
-  max_num_batched_tokens: int = 2048
-  max_window_seconds: float = 0.25
-  scheduler_policy: str = "budget"
-  impl: str = "auto"
-  mesh: str = "auto"
-  kv_dtype: str = "model"
-  layer_weights: str = "auto"
-
-  def __post_init__(self):
-    if self.attention not in KINDS:
-      raise ValueError(f"attention must be one of {tuple(KINDS)}, got {self.attention!r}")
-    check_tau(self.psa_tau, "psa_tau")
-    if self.dense_layers < 0:
-      raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
-    self.scheduler_config()  # validates the scheduler's fields
-    for name in ("topk_blocks", "block_size", "max_context"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if self.block_size & (self.block_size - 1) or not 16 <= self.block_size <= 128:
-      raise ValueError(f"block_size must be a power of two in [16, 128], got {self.block_size}")
-    parse_memory(self.kv_memory, total=1)  # validates the spelling
-    if self.kv_dtype not in storage.KV_DTYPES:
-      raise ValueError(f"kv_dtype must be one of {storage.KV_DTYPES}, got {self.kv_dtype!r}")
-    if self.layer_weights not in LAYER_WEIGHTS:
-      raise ValueError(f"layer_weights must be one of {LAYER_WEIGHTS}, got {self.layer_weights!r}")
-    if self.mesh not in ("auto", "none"):
-      MeshConfig.parse(self.mesh)  # validates the spelling
-
-
-  def scheduler_config(self) -> SchedulerConfig:
-    return SchedulerConfig(max_batch=self.max_batch, max_num_batched_tokens=self.max_num_batched_tokens,
-                           prefill_chunk=self.prefill_chunk, decode_window=self.decode_window,
-                           max_window_seconds=self.max_window_seconds, policy=self.scheduler_policy)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -97,3 +28,94 @@ def parse_memory(spec: str | int, *, total: int) -> int:
       raise ValueError(f"kv_memory share must be in (0, 1], got {spec!r}")
     return int(value * total)
   return int(value * _UNITS[unit])
+
+
+LAYER_WEIGHTS = ("auto", "stacked", "split")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionDefaults:
+  """What a request's decode attention is unless it picks its own.
+
+  kind: "dense", "topk" or "psa". psa_tau: PSA's threshold (PSAConfig.tau's default, `check_tau`'s rule).
+  topk_blocks: top-k's budget in blocks. dense_layers: the model's first layers attend densely whatever the kind.
+  impl: "auto", "pallas", "xla" or "reference" (psa_jax/attention.py).
+  """
+
+  kind: str = "psa"
+  psa_tau: float = PSAConfig.tau
+  topk_blocks: int = 32
+  dense_layers: int = 0
+  impl: str = "auto"
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"attention must be one of {tuple(KINDS)}, got {self.kind!r}")
+    check_tau(self.psa_tau, "psa_tau")
+    if self.dense_layers < 0:
+      raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
+    if self.topk_blocks < 1:
+      raise ValueError(f"topk_blocks must be >= 1, got {self.topk_blocks}")
+    if self.impl not in IMPLS:
+      raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+  """The KV arena. kv_memory: its size, "2GiB", "512MB", a byte count, or a share of device memory such as
+  "0.5". block_size: tokens per page, a power of two in [16, 128]. kv_dtype: "model" (the weights' dtype),
+  "float32" or "bfloat16" (half the arena and the bytes every decode step reads; on CPU stored packed,
+  psa_jax/pallas_kernels/storage.py; the entry points default to it, like llama.cpp's f16 cache).
+  max_context: longest prompt + output.
+  """
+
+  kv_memory: str = "0.25"
+  block_size: int = 16
+  kv_dtype: str = "model"
+  max_context: int = 8192
+
+  def __post_init__(self):
+    if self.block_size & (self.block_size - 1) or not 16 <= self.block_size <= 128:
+      raise ValueError(f"block_size must be a power of two in [16, 128], got {self.block_size}")
+    if self.max_context < 1:
+      raise ValueError(f"max_context must be >= 1, got {self.max_context}")
+    parse_memory(self.kv_memory, total=1)  # validates the spelling
+    if self.kv_dtype not in storage.KV_DTYPES:
+      raise ValueError(f"kv_dtype must be one of {storage.KV_DTYPES}, got {self.kv_dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  """Where the model runs. mesh: "auto" (every local device, on the model axis as far as the head counts divide,
+  the rest on the data axis), "none" (one device) or "data=2,model=4" (psa_jax/models/parallel.py).
+  layer_weights: how decode reaches a layer's weights, an implementation choice the engine makes ("auto": split
+  on CPU without a mesh). "stacked" slices the model's stacked arrays, which XLA:CPU copies out every step;
+  "split" gives each layer arrays of its own (`Decoder.split_layers`), read in place at the cost of a second
+  copy of the layer weights (one device only; 4-6 ms less per token at 1K, batch 1 on the 2-core VM).
+  """
+
+  mesh: str = "auto"
+  layer_weights: str = "auto"
+
+  def __post_init__(self):
+    if self.layer_weights not in LAYER_WEIGHTS:
+      raise ValueError(f"layer_weights must be one of {LAYER_WEIGHTS}, got {self.layer_weights!r}")
+    if self.mesh not in ("auto", "none"):
+      MeshConfig.parse(self.mesh)  # validates the spelling
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """An engine's configuration, one group per concern: the attention requests get by default, the KV cache, the
+  scheduler (psa_jax/serving/scheduler.py) and the devices."""
+
+  attention: AttentionDefaults = AttentionDefaults()
+  cache: CacheConfig = CacheConfig()
+  scheduler: SchedulerConfig = SchedulerConfig()
+  parallel: ParallelConfig = ParallelConfig()
+
+  def __post_init__(self):
+    for name, kind in (("attention", AttentionDefaults), ("cache", CacheConfig), ("scheduler", SchedulerConfig),
+                       ("parallel", ParallelConfig)):
+      if not isinstance(getattr(self, name), kind):
+        raise TypeError(f"EngineConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")

@@ -59,25 +59,26 @@ class Engine:
     self.tokenizer = tokenizer
     self.config = config
     c = model.config
-    if config.max_context > c.max_context:
-      raise ValueError(f"max_context {config.max_context} exceeds the model's {c.max_context}")
-    self.mesh = _resolve_mesh(config.mesh, c)
-    if config.layer_weights == "split" and self.mesh is not None:
+    cache, parallel_config = config.cache, config.parallel
+    if cache.max_context > c.max_context:
+      raise ValueError(f"max_context {cache.max_context} exceeds the model's {c.max_context}")
+    self.mesh = _resolve_mesh(parallel_config.mesh, c)
+    if parallel_config.layer_weights == "split" and self.mesh is not None:
       raise ValueError("layer_weights='split' runs on one device only; use 'stacked' or 'auto' with a mesh")
     if self.mesh is not None:  # places the caller's model on the mesh in place (no second copy of the weights)
       parallel.shard_model(model, self.mesh)
-    self.kv_storage = storage_dtype(config.kv_dtype, model_dtype=model.dtype)
+    self.kv_storage = storage_dtype(cache.kv_dtype, model_dtype=model.dtype)
     if num_pages is None:
-      self.arena = KVArena.from_budget(c, config.kv_memory, block_size=config.block_size, dtype=self.kv_storage,
+      self.arena = KVArena.from_budget(c, cache.kv_memory, block_size=cache.block_size, dtype=self.kv_storage,
                                        mesh=self.mesh)
     else:
-      self.arena = KVArena(c, num_pages=num_pages, block_size=config.block_size, dtype=self.kv_storage,
+      self.arena = KVArena(c, num_pages=num_pages, block_size=cache.block_size, dtype=self.kv_storage,
                            mesh=self.mesh)
-    split = config.layer_weights == "split" or (
-        config.layer_weights == "auto" and self.mesh is None and jax.default_backend() == "cpu")
-    self.runner = ModelRunner(model, self.arena, backends=ModelRunner.make_backends(config),
-                              window=config.decode_window, split_layers=split, mesh=self.mesh)
-    self.scheduler = Scheduler(config.scheduler_config(), self.arena)
+    split = parallel_config.layer_weights == "split" or (
+        parallel_config.layer_weights == "auto" and self.mesh is None and jax.default_backend() == "cpu")
+    self.runner = ModelRunner(model, self.arena, backends=ModelRunner.make_backends(config.attention),
+                              window=config.scheduler.decode_window, split_layers=split, mesh=self.mesh)
+    self.scheduler = Scheduler(config.scheduler, self.arena)
     self._ids = itertools.count()
     self._lock = threading.Lock()
     self._wake = threading.Condition(self._lock)
@@ -125,13 +126,13 @@ class Engine:
     vocab = self.model.config.vocab_size
     if min(prompt) < 0 or max(prompt) >= vocab:
       raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-    if len(prompt) + params.max_tokens > self.config.max_context:
+    if len(prompt) + params.max_tokens > self.config.cache.max_context:
       raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                       f"of {self.config.max_context} tokens")
-    attention = attention or self.config.attention
+                       f"of {self.config.cache.max_context} tokens")
+    attention = attention or self.config.attention.kind
     if attention not in self.runner.backends:
       raise ValueError(f"attention must be one of {tuple(self.runner.backends)}, got {attention!r}")
-    tau = self.config.psa_tau if tau is None else check_tau(tau)
+    tau = self.config.attention.psa_tau if tau is None else check_tau(tau)
     need = self.arena.pages_needed(-1, len(prompt) + params.max_tokens)
     if need > self.arena.num_pages:
       raise ValueError(f"request needs {need} KV pages, the arena holds {self.arena.num_pages}")

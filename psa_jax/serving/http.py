@@ -82,7 +82,7 @@ def create_app(engine: Engine, model_name: str, *, drain_timeout: float = 10.0,
   take to arrive (`serve` gives its headers the same)."""
   metrics = Metrics(engine)
   tokenizer = engine.tokenizer
-  context = engine.config.max_context
+  context = engine.config.cache.max_context
   eos_ids = tuple(tokenizer.eos_token_ids)
   vocab = engine.model.config.vocab_size
 

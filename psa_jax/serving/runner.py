@@ -55,12 +55,13 @@ class ModelRunner:
     self.host_reads = 0
 
   @staticmethod
-  def make_backends(config) -> dict[str, AttentionBackend]:
-    """The three attention kinds a request may pick, with the engine's defaults (EngineConfig)."""
+  def make_backends(defaults) -> dict[str, AttentionBackend]:
+    """The three attention kinds a request may pick, with the engine's defaults (AttentionDefaults)."""
     return {
-        "dense": AttentionBackend("dense", DenseConfig(), config.impl),
-        "topk": AttentionBackend("topk", TopKConfig(k_blocks=config.topk_blocks), config.impl, config.dense_layers),
-        "psa": AttentionBackend("psa", PSAConfig(tau=config.psa_tau), config.impl, config.dense_layers),
+        "dense": AttentionBackend("dense", DenseConfig(), defaults.impl),
+        "topk": AttentionBackend("topk", TopKConfig(k_blocks=defaults.topk_blocks), defaults.impl,
+                                 defaults.dense_layers),
+        "psa": AttentionBackend("psa", PSAConfig(tau=defaults.psa_tau), defaults.impl, defaults.dense_layers),
     }
 
   def _sampling(self, requests: list[Request], size: int) -> steps.SamplingArrays:
