@@ -62,7 +62,7 @@ def test_minmax_score_bounds_every_key_logit():
       assert (logits.max(-1) <= np.asarray(scores[b, :, :, j]) + 1e-4).all()
 
 
-@pytest.mark.parametrize("score", ["mean", "minmax"])
+@pytest.mark.parametrize("score", ["mean", "minmax", "hybrid"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_pallas_block_scores_match_reference(score, dtype):
   x = synthetic_decode_inputs(1, (1, 17, 200), q_heads=6, kv_heads=2, head_dim=32, dtype=dtype, max_blocks=16)
@@ -123,3 +123,15 @@ def test_visit_order_sorts_by_criticality_to_its_precision_and_breaks_ties_by_bl
       if m <= 16:  # well separated: exactly a stable argsort
         key = np.where(forced[b, 0], 2.0, np.where(valid[b, 0], crit[b, h], -1.0))
         np.testing.assert_array_equal(o, np.argsort(-key, kind="stable"))
+
+
+def test_hybrid_score_is_the_average_of_the_mean_logit_and_the_bound():
+  x = synthetic_decode_inputs(2, (90, 40), q_heads=6, kv_heads=2, head_dim=32)
+  qg = x.q.reshape(2, 2, 3, 32)
+  kw = dict(block_size=16, sm_scale=0.25)
+  score = lambda kind: np.asarray(selection.block_scores_reference(qg, x.summaries, x.block_table, x.lengths,
+                                                                   score=kind, **kw))
+  hybrid, mean, bound = score("hybrid"), score("mean"), score("minmax")
+  finite = np.isfinite(mean)
+  np.testing.assert_array_equal(np.isfinite(hybrid), finite)
+  np.testing.assert_allclose(hybrid[finite], 0.5 * (mean + bound)[finite], rtol=1e-5, atol=1e-5)

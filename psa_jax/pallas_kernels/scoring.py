@@ -33,8 +33,10 @@ def _kernel(q_ref, table_ref, info_ref, kmin_ref, kmax_ref, kmean_ref, out_ref, 
     s = mean()
   elif score == "minmax":
     s = bound()
-  else:  # hybrid
-    s = 0.5 * (mean() + bound())
+  else:  # hybrid: 0.5 * (mean + bound), regrouped as two products (selection.block_scores_reference)
+    kmean = kmean_ref[pages].astype(jnp.float32)
+    s = 0.5 * (_dot_t(jnp.maximum(q, 0.0), kmax_ref[pages].astype(jnp.float32) + kmean)
+               + _dot_t(jnp.minimum(q, 0.0), kmin_ref[pages].astype(jnp.float32) + kmean))
   out_ref[...] = jnp.where(valid[None, :], s * sm_scale, float("-inf"))
 
 

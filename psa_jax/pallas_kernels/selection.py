@@ -40,7 +40,7 @@ def block_scores_reference(
   heads: the KV heads of the summaries that q's head axis stands for (None: all of them, in order).
 
   "mean": q . mean_k. "minmax": Quest's bound max_k q . k <= sum_d max(q_d kmin_d, q_d kmax_d), written as
-  q+ . kmax + q- . kmin so that it is two matmuls. "hybrid": the average of the two. The bound alone ranks a
+  q+ . kmax + q- . kmin so that it is two matmuls. "hybrid": the average of the two, also two matmuls. The bound alone ranks a
   block by its single most aligned channel mix and overshoots the true maximum by ~10 scaled logits on real keys,
   misranking heavy blocks; the mean logit alone misses blocks with one sharp key. Their average ranks the
   blocks of the default model closer to the exact order than either (BENCHMARKS.md, quality study).
@@ -64,7 +64,11 @@ def block_scores_reference(
   elif score == "minmax":
     s = bound()
   elif score == "hybrid":
-    s = 0.5 * (mean() + bound())
+    # The average of the two, regrouped (q = q+ + q-) as q+ . (kmax + kmean) + q- . (kmin + kmean): two
+    # matmuls instead of three, half the scoring time on XLA:CPU (2.6-3.1 ms -> 1.4 ms for 8 sequences of 8K).
+    kmean = take(summaries.kmean)
+    s = 0.5 * (dot(jnp.maximum(qf, 0.0), take(summaries.kmax) + kmean)
+               + dot(jnp.minimum(qf, 0.0), take(summaries.kmin) + kmean))
   else:
     raise ValueError(f"unknown score kind {score!r}")
   return jnp.where(valid[:, None, None, :], s * sm_scale, NEG_INF)
