@@ -215,6 +215,7 @@ def test_forced_tool_calls_parse_and_follow_the_schema(tools_server):
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ({"tools": ["get_weather"]}, "tools"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_bad_tool_requests_are_refused_by_name(tools_server, body, param):

@@ -28,11 +28,14 @@ import dataclasses
 import functools
 import json
 import threading
+import weakref
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from psa_jax.serving.scheduler import bucket
 
 MAX_GRAMMAR_STATES = 1 << 14  # per automaton; beyond this a schema is refused as too complex
 MAX_TABLE_STATES = 1 << 15  # the device table keeps grammars no longer in use until it would hold more
@@ -107,7 +110,6 @@ def advance(constraint: Constraint | None, tokens: jax.Array, active: jax.Array)
 class TokenAutomaton:
   """One grammar over one vocabulary. States are numbered from 0, the initial state."""
 
-  key: str  # what it was compiled from, for tables and caches
   mask: np.ndarray  # [S, W] uint32
   default: np.ndarray  # [S] int32, local state ids
   row_start: np.ndarray  # [S] int32
@@ -173,7 +175,7 @@ class _Vocabulary:
     self.vocab = vocab
 
 
-_vocabularies: dict[int, _Vocabulary] = {}
+_vocabularies: "weakref.WeakKeyDictionary[object, _Vocabulary]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -181,9 +183,9 @@ def compile_regex(tokenizer, vocab: int, regex: str) -> TokenAutomaton:
   """The token automaton of `regex` over the tokenizer's vocabulary (the model's `vocab` logits). Cached:
   repeated schemas cost nothing after the first. Raises GrammarError."""
   with _lock:
-    if id(tokenizer) not in _vocabularies:
-      _vocabularies[id(tokenizer)] = _Vocabulary(tokenizer, vocab)
-    vocabulary = _vocabularies[id(tokenizer)]
+    vocabulary = _vocabularies.get(tokenizer)
+    if vocabulary is None or vocabulary.vocab != vocab:
+      vocabulary = _vocabularies[tokenizer] = _Vocabulary(tokenizer, vocab)
   return _compile(vocabulary, regex)
 
 
@@ -225,15 +227,8 @@ def _compile(vocabulary: _Vocabulary, regex: str) -> TokenAutomaton:
   starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
   tokens = np.concatenate(rows_tokens) if rows_tokens else np.zeros(0, np.int32)
   nexts = np.concatenate(rows_next) if rows_next else np.zeros(0, np.int32)
-  return TokenAutomaton(regex, mask, default, starts, lengths, tokens.astype(np.int32), nexts.astype(np.int32),
+  return TokenAutomaton(mask, default, starts, lengths, tokens.astype(np.int32), nexts.astype(np.int32),
                         vocabulary.vocab)
-
-
-def _bucket(n: int, minimum: int) -> int:
-  size = minimum
-  while size < n:
-    size *= 2
-  return size
 
 
 class GrammarTable:
@@ -244,7 +239,6 @@ class GrammarTable:
     self._automata: tuple[TokenAutomaton, ...] = ()
     self._offsets: dict[int, int] = {}
     self._arrays: tuple | None = None
-    self.rebuilds = 0
 
   def constraint(self, automata: Sequence[TokenAutomaton | None], states: Sequence[int], rows: int
                  ) -> Constraint | None:
@@ -275,7 +269,7 @@ class GrammarTable:
   def _build(self, automata: tuple[TokenAutomaton, ...]) -> None:
     total_states = sum(a.num_states for a in automata)
     total = sum(len(a.tokens) for a in automata)
-    states, transitions = _bucket(total_states, _MIN_STATES), _bucket(max(total, 1), _MIN_TRANSITIONS)
+    states, transitions = bucket(total_states, _MIN_STATES), bucket(total, _MIN_TRANSITIONS)
     words = -(-self.vocab // 32)
     mask = np.zeros((states, words), np.uint32)
     default = np.zeros(states, np.int32)
@@ -297,4 +291,3 @@ class GrammarTable:
       n += len(a.tokens)
     self._automata, self._offsets = automata, offsets
     self._arrays = tuple(jnp.asarray(x) for x in (mask, default, row_start, row_len, tokens, nexts))
-    self.rebuilds += 1

@@ -98,9 +98,6 @@ class ToolRequest:
 def parse_request(body: dict, chat_template: str | None) -> ToolRequest | None:
   """The tools and tool choice of a chat body, checked; None when it has no tools."""
   tools, choice = body.get("tools"), body.get("tool_choice")
-  if body.get("functions") or body.get("function_call") not in (None, "none"):
-    raise ToolError("the legacy 'functions' API is not supported; send 'tools'",
-                    "functions" if body.get("functions") else "function_call")
   if not tools:
     if choice not in (None, "none", "auto"):
       raise ToolError("'tool_choice' needs 'tools'", "tool_choice")
@@ -112,7 +109,7 @@ def parse_request(body: dict, chat_template: str | None) -> ToolRequest | None:
     raise ToolError(f"'tools' must be a list of at most {MAX_TOOLS} tools", "tools")
   for i, tool in enumerate(tools):
     function = tool.get("function") if isinstance(tool, dict) else None
-    if tool.get("type") != "function" or not isinstance(function, dict):
+    if not isinstance(function, dict) or tool.get("type") != "function":
       raise ToolError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", "tools")
     if not isinstance(function.get("name"), str) or not NAME.fullmatch(function["name"]):
       raise ToolError(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '.' or '-'", "tools")
