@@ -209,9 +209,9 @@ def test_memory_budget_spellings():
 
 def test_arena_from_budget_counts_pages_of_all_layers():
   arena = KVArena.from_budget(TINY, "1MiB", block_size=16, dtype=jnp.float32)
-  assert arena.num_pages == 2**20 // (2 * 16 * (2 * 16 + 4) * 4)  # K and V tiles and four summary rows
+  assert arena.num_pages == 2**20 // (2 * 16 * (2 * 16 + 5) * 4)  # K and V tiles and five summary rows
   packed = KVArena.from_budget(TINY, "1MiB", block_size=16, dtype=jnp.uint16)  # bfloat16 bits
-  assert packed.num_pages == 2**20 // (2 * 16 * (2 * 16 + 4) * 2)
+  assert packed.num_pages == 2**20 // (2 * 16 * (2 * 16 + 5) * 2)
   arena.ensure(0, 33)  # 3 blocks in each of 2 layers
   assert arena.used_pages == 6
   tables = arena.block_tables([0, None], 4)

@@ -9,26 +9,38 @@ import pytest
 from psa_jax.pallas_kernels import scoring, selection
 from psa_jax.pallas_kernels.progressive import INFO_WIDTH
 from psa_jax import BlockSummaries, summarize_pages, update_summaries
+from psa_jax.pallas_kernels.summaries import mean_keys, score_box
 from psa_jax.synthetic import synthetic_decode_inputs
 
 
-def test_summaries_are_min_max_mean_of_the_valid_keys_only():
+def test_summaries_are_boxes_and_means_of_the_valid_tokens_only():
   rng = np.random.default_rng(0)
   k = jnp.asarray(rng.normal(size=(2, 5, 8, 4)), jnp.float32)
   v = jnp.asarray(rng.normal(size=(2, 5, 8, 4)), jnp.float32)
   s = summarize_pages(k, v, jnp.array([3, 1]), jnp.array([5, 8]))
-  np.testing.assert_allclose(s.kmin[:, 0], k[:, 3, :5].min(axis=1))
-  np.testing.assert_allclose(s.kmax[:, 1], k[:, 1].max(axis=1))
-  np.testing.assert_allclose(s.kmean[:, 0], k[:, 3, :5].mean(axis=1), rtol=1e-6)
-  np.testing.assert_allclose(s.vmean[:, 0], v[:, 3, :5].mean(axis=1), rtol=1e-6)
-  np.testing.assert_allclose(s.vmean[:, 1], v[:, 1].mean(axis=1), rtol=1e-6)
+  for i, (page, n) in enumerate([(3, 5), (1, 8)]):
+    keys = np.asarray(k[:, page, :n])
+    np.testing.assert_allclose(s.kmin[:, i], keys.min(axis=1))
+    np.testing.assert_allclose(s.kmax[:, i], keys.max(axis=1))
+    np.testing.assert_allclose(s.hmin[:, i], 0.5 * (keys.min(axis=1) + keys.mean(axis=1)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(s.hmax[:, i], 0.5 * (keys.max(axis=1) + keys.mean(axis=1)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(mean_keys(s)[:, i], keys.mean(axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.vmean[:, i], v[:, page, :n].mean(axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("score, fields", [("minmax", ("kmin", "kmax")), ("hybrid", ("hmin", "hmax"))])
+def test_each_bound_reads_the_two_stored_rows_of_its_box(score, fields):
+  s = summarize_pages(*(jnp.asarray(np.random.default_rng(5).normal(size=(2, 3, 4, 4)), jnp.float32)
+                        for _ in range(2)), jnp.array([0, 2]), jnp.array([4, 3]))
+  lower, upper = score_box(s, score)
+  assert lower is getattr(s, fields[0]) and upper is getattr(s, fields[1])
 
 
 def test_appending_token_by_token_equals_summarizing_once():
   rng = np.random.default_rng(1)
   k = jnp.asarray(rng.normal(size=(2, 4, 8, 4)), jnp.float32)
   v = jnp.asarray(rng.normal(size=(2, 4, 8, 4)), jnp.float32)
-  stale = BlockSummaries(*(jnp.asarray(rng.normal(size=(2, 4, 4)), jnp.float32) for _ in range(4)))
+  stale = BlockSummaries(*(jnp.asarray(rng.normal(size=(2, 4, 4)), jnp.float32) for _ in BlockSummaries._fields))
   s = stale  # a reused page: whatever it summarized before must not leak in
   for n in range(1, 7):
     s = update_summaries(s, k, v, jnp.array([2]), jnp.array([n]))
@@ -45,7 +57,7 @@ def test_padding_entries_leave_summaries_untouched():
   assert not np.asarray(s2.kmax[:, 0], np.float32).any()
   np.testing.assert_array_equal(np.asarray(s2.kmax[:, 1], np.float32), 1.0)
   np.testing.assert_array_equal(np.asarray(s2.vmean[:, 1], np.float32), 2.0)
-  assert s2.kmean.dtype == jnp.bfloat16
+  assert all(x.dtype == jnp.bfloat16 for x in s2)
 
 
 def test_minmax_score_bounds_every_key_logit():

@@ -114,7 +114,7 @@ def shard_model(model, mesh: Mesh):
   return model
 
 
-KV_SPEC = PagedKV(P(MODEL), P(MODEL), BlockSummaries(P(MODEL), P(MODEL), P(MODEL), P(MODEL)))
+KV_SPEC = PagedKV(P(MODEL), P(MODEL), BlockSummaries(*(P(MODEL) for _ in BlockSummaries._fields)))
 
 
 def kv_sharding(mesh: Mesh) -> PagedKV:

@@ -1,6 +1,6 @@
 """Pallas block scoring: the estimated logit of every KV block for every query head.
 
-Reads only the block summaries (one row of head_dim per block), never the keys. The reference is
+Reads only the two summary rows of the score kind's box per block (summaries.score_box), never the keys. The reference is
 `selection.block_scores_reference`.
 
 Grid: (sequence, KV head, tile of `blocks_per_tile` blocks of the block table).
@@ -16,27 +16,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from psa_jax.pallas_kernels.progressive import INFO_WIDTH, LENGTH, _dot_t
-from psa_jax.pallas_kernels.summaries import BlockSummaries
+from psa_jax.pallas_kernels.summaries import BlockSummaries, score_box
 
 
-def _kernel(q_ref, table_ref, info_ref, kmin_ref, kmax_ref, kmean_ref, out_ref, *, block_size, score,
-            sm_scale):
+def _kernel(q_ref, table_ref, info_ref, lower_ref, upper_ref, out_ref, *, block_size, sm_scale):
   tile = table_ref.shape[0]
   block = pl.program_id(2) * tile + jnp.arange(tile)
   valid = block < (info_ref[LENGTH] + block_size - 1) // block_size
   pages = jnp.where(valid, table_ref[...], 0)
   q = q_ref[...].astype(jnp.float32)
-  mean = lambda: _dot_t(q, kmean_ref[pages].astype(jnp.float32))
-  bound = lambda: (_dot_t(jnp.maximum(q, 0.0), kmax_ref[pages].astype(jnp.float32))  # q+ . kmax + q- . kmin
-                   + _dot_t(jnp.minimum(q, 0.0), kmin_ref[pages].astype(jnp.float32)))
-  if score == "mean":
-    s = mean()
-  elif score == "minmax":
-    s = bound()
-  else:  # hybrid: 0.5 * (mean + bound), regrouped as two products (selection.block_scores_reference)
-    kmean = kmean_ref[pages].astype(jnp.float32)
-    s = 0.5 * (_dot_t(jnp.maximum(q, 0.0), kmax_ref[pages].astype(jnp.float32) + kmean)
-               + _dot_t(jnp.minimum(q, 0.0), kmin_ref[pages].astype(jnp.float32) + kmean))
+  # q+ . upper + q- . lower: the bound over the score kind's box (summaries.score_box).
+  s = (_dot_t(jnp.maximum(q, 0.0), upper_ref[pages].astype(jnp.float32))
+       + _dot_t(jnp.minimum(q, 0.0), lower_ref[pages].astype(jnp.float32)))
   out_ref[...] = jnp.where(valid[None, :], s * sm_scale, float("-inf"))
 
 
@@ -55,25 +46,26 @@ def block_scores_pallas(
 ) -> jax.Array:
   """Returns scores [B, H, Gp, M] float32, -inf past each sequence's end."""
   b, h, gp, d = q.shape
-  _, p, _ = summaries.kmean.shape
+  _, p, _ = summaries.kmin.shape
   m = block_table.shape[1]
   tile = min(blocks_per_tile, m)
   if m % tile:
     raise ValueError(f"block table width {m} is not a multiple of the scoring tile {tile}")
   summary_spec = pl.BlockSpec((None, p, d), lambda i, j, t: (j, 0, 0))
-  needed = {"mean": (False, False, True), "minmax": (True, True, False), "hybrid": (True, True, True)}[score]
-  arrays = [x if use else None for x, use in zip(summaries[:3], needed)]
+  box = score_box(summaries, score)
   return pl.pallas_call(
-      functools.partial(_kernel, block_size=block_size, score=score, sm_scale=sm_scale),
+      functools.partial(_kernel, block_size=block_size, sm_scale=sm_scale),
       grid=(b, h, m // tile),
       in_specs=[
           pl.BlockSpec((None, None, gp, d), lambda i, j, t: (i, j, 0, 0)),
           pl.BlockSpec((None, tile), lambda i, j, t: (i, t)),
           pl.BlockSpec((None, INFO_WIDTH), lambda i, j, t: (i, 0)),
-      ] + [summary_spec if x is not None else None for x in arrays],
+          summary_spec,
+          summary_spec,
+      ],
       out_specs=pl.BlockSpec((None, None, gp, tile), lambda i, j, t: (i, j, 0, t)),
       out_shape=jax.ShapeDtypeStruct((b, h, gp, m), jnp.float32),
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret,
       name=f"block_scores_{score}",
-  )(q, block_table, info, *arrays)
+  )(q, block_table, info, *box)

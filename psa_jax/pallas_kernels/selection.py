@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from psa_jax.pallas_kernels.storage import unpack
-from psa_jax.pallas_kernels.summaries import BlockSummaries
+from psa_jax.pallas_kernels.summaries import BlockSummaries, score_box
 
 NEG_INF = float("-inf")
 
@@ -39,11 +39,13 @@ def block_scores_reference(
 
   heads: the KV heads of the summaries that q's head axis stands for (None: all of them, in order).
 
-  "mean": q . mean_k. "minmax": Quest's bound max_k q . k <= sum_d max(q_d kmin_d, q_d kmax_d), written as
-  q+ . kmax + q- . kmin so that it is two matmuls. "hybrid": the average of the two, also two matmuls. The bound alone ranks a
-  block by its single most aligned channel mix and overshoots the true maximum by ~10 scaled logits on real keys,
-  misranking heavy blocks; the mean logit alone misses blocks with one sharp key. Their average ranks the
-  blocks of the default model closer to the exact order than either (BENCHMARKS.md, quality study).
+  Every score kind is a bound over a box of keys, q+ . upper + q- . lower (summaries.score_box): "minmax" is
+  Quest's bound max_k q . k <= sum_d max(q_d kmin_d, q_d kmax_d); "hybrid" the average of that bound and the
+  mean-key logit, which is the same bound over the box shrunk halfway toward the mean key; "mean" q . kmean. The
+  bound alone ranks a block by its single most aligned channel mix and overshoots the true maximum by ~10 scaled
+  logits on real keys, misranking heavy blocks; the mean logit alone misses blocks with one sharp key. Their
+  average ranks the blocks of the default model closer to the exact order than either (BENCHMARKS.md, quality
+  study).
   """
   valid = jnp.arange(block_table.shape[1])[None, :] < num_blocks(lengths, block_size)[:, None]  # [B, M]
   pages = jnp.where(valid, block_table, 0)
@@ -57,20 +59,8 @@ def block_scores_reference(
   # Block-major product, transposed after: the gathered summaries stay the matmul's left operand in their own
   # layout (as "bhgd,bhmd->bhgm", XLA:CPU copied them transposed first).
   dot = lambda a, k: jnp.swapaxes(jnp.einsum("bhmd,bhgd->bhmg", k, a, precision=jax.lax.Precision.HIGHEST), 2, 3)
-  mean = lambda: dot(qf, take(summaries.kmean))
-  bound = lambda: dot(jnp.maximum(qf, 0.0), take(summaries.kmax)) + dot(jnp.minimum(qf, 0.0), take(summaries.kmin))
-  if score == "mean":
-    s = mean()
-  elif score == "minmax":
-    s = bound()
-  elif score == "hybrid":
-    # The average of the two, regrouped (q = q+ + q-) as q+ . (kmax + kmean) + q- . (kmin + kmean): two
-    # matmuls instead of three, half the scoring time on XLA:CPU (2.6-3.1 ms -> 1.4 ms for 8 sequences of 8K).
-    kmean = take(summaries.kmean)
-    s = 0.5 * (dot(jnp.maximum(qf, 0.0), take(summaries.kmax) + kmean)
-               + dot(jnp.minimum(qf, 0.0), take(summaries.kmin) + kmean))
-  else:
-    raise ValueError(f"unknown score kind {score!r}")
+  lower, upper = score_box(summaries, score)
+  s = dot(jnp.maximum(qf, 0.0), take(upper)) + dot(jnp.minimum(qf, 0.0), take(lower))
   return jnp.where(valid[:, None, None, :], s * sm_scale, NEG_INF)
 
 

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from psa_jax.models import parallel
 from psa_jax.models.config import ModelConfig
 from psa_jax.models.kv_pages import PagedKV
+from psa_jax.pallas_kernels.summaries import BlockSummaries
 from psa_jax.serving.config import parse_memory
 from psa_jax.serving.pages import ArenaFull, PagePool
 
@@ -32,9 +33,10 @@ def _copy_pages(kv: PagedKV, src: jax.Array, dst: jax.Array) -> PagedKV:
 
 
 def page_bytes(config: ModelConfig, block_size: int, dtype) -> int:
-  """Device bytes of one page stored as `dtype`: K and V tiles plus four summary rows (BlockSummaries), for all KV heads."""
+  """Device bytes of one page stored as `dtype`: K and V tiles plus one row per BlockSummaries field, for all KV
+  heads."""
   item = jnp.dtype(dtype).itemsize
-  return config.num_kv_heads * config.head_dim * item * (2 * block_size + 4)
+  return config.num_kv_heads * config.head_dim * item * (2 * block_size + len(BlockSummaries._fields))
 
 
 def device_memory_bytes() -> int:
