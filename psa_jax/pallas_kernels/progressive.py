@@ -307,8 +307,7 @@ def progressive_attention_pallas(
 
 
 def _wide_loop(q, length, limit, n_forced, tau, order, table, k_pages, v_pages, log_rem, vmean, v_total, *, head,
-               group,
-               block_size, chunk_blocks, chunks_per_step, sm_scale, estimator, patience=1, compensate=False,
+               group, block_size, chunk_blocks, chunks_per_step, sm_scale, estimator, patience=1, compensate=False,
                tail="last_chunk"):
   """`progressive_loop` for the XLA path, `chunks_per_step` chunks per iteration.
 

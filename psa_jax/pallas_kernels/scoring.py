@@ -1,7 +1,7 @@
 """Pallas block scoring: the estimated logit of every KV block for every query head.
 
-Reads only the two summary rows of the score kind's box per block (summaries.score_box), never the keys. The reference is
-`selection.block_scores_reference`.
+Reads only the two summary rows of the score kind's box per block (summaries.score_box), never the keys. The
+reference is `selection.block_scores_reference`.
 
 Grid: (sequence, KV head, tile of `blocks_per_tile` blocks of the block table).
 """
