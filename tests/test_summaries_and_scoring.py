@@ -147,3 +147,18 @@ def test_hybrid_score_is_the_average_of_the_mean_logit_and_the_bound():
   finite = np.isfinite(mean)
   np.testing.assert_array_equal(np.isfinite(hybrid), finite)
   np.testing.assert_allclose(hybrid[finite], 0.5 * (mean + bound)[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 100, 512, 513, 8192])
+def test_remaining_mass_is_the_reverse_cumulative_logsumexp_with_its_tail_precise(m):
+  rng = np.random.default_rng(m)
+  x = (rng.normal(size=(2, 3, m)) * 5).astype(np.float32)
+  x[0, 0, m // 2:] = -np.inf  # blocks past the end
+  x[1, 2, :] = -np.inf  # a padded head: nothing anywhere
+  x[1, 0, -min(m, 4):] = -60.0  # a tail ~60 nats below the rest keeps its own digits, not the head's rounding
+  got = np.asarray(selection._reverse_cumlogsumexp(jnp.asarray(x)))
+  with np.errstate(divide="ignore"):
+    want = np.log(np.cumsum(np.exp(x.astype(np.float64))[..., ::-1], axis=-1)[..., ::-1])
+  np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+  finite = np.isfinite(want)
+  np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=1e-5)

@@ -8,6 +8,7 @@ Shapes: B batch, H kv heads, G query heads per kv head (Gp: G padded), M blocks 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -100,18 +101,35 @@ class VisitPlan(NamedTuple):
   log_remaining: jax.Array
 
 
+def _reverse_cumsum(x: jax.Array) -> jax.Array:
+  """sum over j >= i of x_j along the last axis, for non-negative x.
+
+  Two small triangular matmuls over blocks of ~sqrt(M) entries: the sums within each block, then the totals of
+  the blocks after it. lax.cumsum lowers to a reduce-window that XLA:CPU runs in time quadratic in the row, and an
+  associative scan is ~30 small ops; this is four (0.07 against 0.12-0.17 ms for [8, 1, 3, 512] on the
+  development VM). Every sum adds non-negative terms, never subtracts, so a small tail keeps its relative
+  precision.
+  """
+  m = x.shape[-1]
+  b = max(8, 1 << math.ceil(math.log2(max(1.0, math.sqrt(m)))))
+  n = -(-m // b)
+  blocks = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n * b - m)]).reshape(*x.shape[:-1], n, b)
+  upper = lambda size, k: jnp.triu(jnp.ones((size, size), x.dtype), k)  # [i, j] = 1 where j >= i + k
+  within = jnp.einsum("...j,ij->...i", blocks, upper(b, 0), precision=jax.lax.Precision.HIGHEST)
+  after = jnp.einsum("...j,ij->...i", within[..., 0], upper(n, 1), precision=jax.lax.Precision.HIGHEST)
+  return (within + after[..., None]).reshape(*x.shape[:-1], n * b)[..., :m]
+
+
 def _reverse_cumlogsumexp(x: jax.Array) -> jax.Array:
   """log(sum over j >= i of exp(x_j)) along the last axis; -inf where every term is -inf.
 
   One exp, a reverse prefix sum and a log, shifted by the row's max: lax.cumlogsumexp took ~30x longer on XLA:CPU
-  (7 ms for [8, 3, 3, 512], a third of a PSA decode attention at 8K, batch 8). The prefix sum is an associative
-  scan (log depth): lax.cumsum lowers to a reduce-window that XLA:CPU runs in time quadratic in the row (0.10 vs
-  0.06 ms for [8, 1, 3, 512]). Terms more than ~87 nats below the row's max underflow to 0, far below anything
-  the stopping rule compares.
+  (7 ms for [8, 3, 3, 512], a third of a PSA decode attention at 8K, batch 8). Terms more than ~87 nats below
+  the row's max underflow to 0, far below anything the stopping rule compares.
   """
   top = jnp.max(x, axis=-1, keepdims=True)
   top = jnp.where(jnp.isfinite(top), top, 0.0)
-  return jnp.log(jax.lax.associative_scan(jnp.add, jnp.exp(x - top), reverse=True, axis=x.ndim - 1)) + top
+  return jnp.log(_reverse_cumsum(jnp.exp(x - top))) + top
 
 
 def plan_visits(
