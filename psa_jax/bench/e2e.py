@@ -54,14 +54,15 @@ def prefill_and_hold(engine: Engine, prompt: list[int], extra: int):
 def timed_decode(engine: Engine, base, attention: str, batch: int, decode_steps: int) -> dict:
   """`batch` forks of the held `base` decode `decode_steps` tokens each (rounded up to whole windows) after one
   warm-up window. Returns ms_per_token (per sequence, median window), its fastest and slowest window,
-  tokens_per_s (all sequences, at the median) and the KV share read."""
+  tokens_per_s (all sequences, at the median) and the KV share read (the mean over the timed windows: PSA's
+  varies from window to window with what the sequences attend to)."""
   window = engine.config.scheduler.decode_window
   windows = max(1, -(-decode_steps // window))
   # max_tokens counts the parent's output too: leave room for the warm-up window and the timed windows.
   params = SamplingParams(max_tokens=len(base.output) + window * (windows + 1) + 1, stop_token_ids=())
   forks = engine.fork(base, batch, params, attention=attention)
   engine.step()  # warm-up window (compiles once per shape bucket)
-  ms = []
+  ms, shares = [], []
   for _ in range(windows):
     if not all(f.state == "running" for f in forks):
       raise RuntimeError("forks finished before the timed windows were done")
@@ -70,7 +71,8 @@ def timed_decode(engine: Engine, base, attention: str, batch: int, decode_steps:
     engine.step()
     elapsed = time.perf_counter() - start
     ms.append(1e3 * elapsed / ((engine.counters["generated_tokens"] - first) / batch))
-  share = engine.telemetry[-1]["blocks_share"]
+    shares.append(engine.telemetry[-1]["blocks_share"])
+  share = statistics.fmean(shares)
   for f in forks:
     engine.cancel(f.id)
   engine.step()
