@@ -9,9 +9,9 @@ All are stored like the pages (packed for a packed pool, storage.py).
 Every block score is one bound over a box, q+ . upper + q- . lower (two matmuls, one row of head_dim per block
 and operand), so each score kind stores exactly the two rows it reads: Quest's min/max bound reads kmin/kmax,
 the hybrid score (the average of the mean-key logit and that bound) reads hmin/hmax. Computing the hybrid's
-operands at scoring time instead read three rows per block and added two of them, and that gather, not the
-arithmetic, is what scoring costs: PSA's decode attention at 8K, batch 8 went from 3.75 to 2.61 ms per layer on
-the development VM when its box was stored. The mean key itself is hmin + hmax - (kmin + kmax) / 2 (`mean_keys`),
+operands at scoring time would read three rows per block and add two of them, and that gather, not the
+arithmetic, is what scoring costs (PSA's decode attention at 8K, batch 8 on the development VM: 3.75 ms per layer
+that way, 2.61 ms with the box stored). The mean key itself is hmin + hmax - (kmin + kmax) / 2 (`mean_keys`),
 for the "mean" score, which nothing reads on a hot path.
 
 min/max are exact in the key dtype (they are selections); the means and half-boxes are reduced in float32 and
