@@ -9,14 +9,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+# The kinds each knob may take are defined once, by the code that implements them.
+from psa_jax.pallas_kernels.stopping import ESTIMATORS, TAILS
+from psa_jax.pallas_kernels.summaries import SCORE_KINDS
+
 ScoreKind = Literal["mean", "minmax", "hybrid"]
 Estimator = Literal["score_mass", "last_chunk", "estimate", "value"]
-Impl = Literal["auto", "pallas", "xla", "reference"]
-
-SCORE_KINDS = ("mean", "minmax", "hybrid")
-ESTIMATORS = ("score_mass", "last_chunk", "estimate", "value")
 Tail = Literal["mixed", "scores", "last_chunk"]
-TAILS = ("mixed", "scores", "last_chunk")
+Impl = Literal["auto", "pallas", "xla", "reference"]
 IMPLS = ("auto", "pallas", "xla", "reference")
 
 

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from psa_jax.pallas_kernels import stopping
-from psa_jax import config
 
 # A tau whose complement is exact in binary, so boundary cases compare equal quantities exactly.
 TAU = 0.75
@@ -158,10 +157,6 @@ def test_needs_values_only_for_the_value_rule_or_compensation(estimator, compens
   assert stopping.needs_values(estimator, compensate) == want
 
 
-def test_the_config_offers_exactly_the_estimators_the_rule_knows():
-  assert tuple(config.ESTIMATORS) == tuple(stopping.ESTIMATORS)
-
-
 def test_scored_tail_scales_the_chunk_mass_by_the_scores_ratio_of_unread_to_chunk():
   # Scores estimate 6 from the chunk's first block on and 2 from the first unread block on: the chunk holds an
   # estimated 4, the unread blocks 2, so the unread mass is half the chunk's exact mass.
@@ -218,6 +213,3 @@ def test_mixed_tail_moves_from_the_scored_estimate_to_the_last_chunk_bound_as_ta
 def test_log_remaining_is_read_for_score_based_rules_and_the_scored_tail(estimator, compensate, tail, want):
   assert stopping.needs_log_remaining(estimator, compensate, tail) == want
 
-
-def test_the_config_offers_exactly_the_tail_estimates_the_rule_knows():
-  assert tuple(sorted(config.TAILS)) == tuple(sorted(stopping.TAILS))
