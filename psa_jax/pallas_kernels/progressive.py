@@ -17,8 +17,17 @@ tests hold each loop against it.
 
 The value-aware parts ("value" estimator, `compensate`) also need, per KV head, the value summaries (vmean) of the
 blocks read so far and of the whole sequence, both weighted by each block's token count. The loops read the vmean
-rows of the pages they visit (a [C, D] read per chunk beside the [C, S, D] of KV); the whole sequence's sum is
+rows of the pages they visit (C rows of D per chunk beside the [C, S, D] of KV); the whole sequence's sum is
 computed once before the loop. Without them (`stopping.needs_values` False) the loops carry and read nothing extra.
+The Pallas loop is shaped around the Triton compiler's layout pass (RemoveLayoutConversions), which crashes or
+mis-types the value bookkeeping otherwise, for every num_warps, num_stages and architecture tried (the GPU
+compile check, `gpu_compile.py`, holds every configuration to this):
+  * it reads the vmean rows one block at a time (`_read_values`), never as one [C, D] gather by the page indices
+    that the [C, S, D] KV gather also uses;
+  * its value sums are [1, D], not [D];
+  * every tensor it carries is read inside the loop by something other than its own update: with `compensate`
+    it carries the compensated output of the chunks read so far instead of the tail estimate, which the output
+    alone would read, after the loop.
 
 Shapes: B batch, H kv heads, Gp query heads per kv head padded, D head_dim, P pages, S block size,
 M blocks per sequence (padded to a multiple of chunk_blocks).
@@ -89,6 +98,23 @@ def value_totals(vmean: jax.Array, block_table: jax.Array, lengths: jax.Array, *
   return jnp.einsum("bm,bhmd->bhd", ntok, weighted, precision=lax.Precision.HIGHEST)
 
 
+def _read_values(pages: jax.Array, ntok: jax.Array, load_vmean_row: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """sum over a chunk's blocks of ntok * vmean, float32 [1, D], reading one vmean row per block.
+
+  pages, ntok: [C]; load_vmean_row: a page [] -> its vmean row [1, D]. Each block's page and token count are taken
+  out of the [C] vectors by a masked sum, so no row load shares an index tensor with the chunk's KV gather (see the
+  module docstring); C is the static chunk size. The sums stay [1, D] rather than [D]: a [D] vector carried through
+  the loop, where only the add reads it, gets a different Triton layout at either end of the add.
+  """
+  total = None
+  for b in range(pages.shape[0]):
+    pick = jnp.arange(pages.shape[0]) == b
+    n = jnp.sum(jnp.where(pick, ntok, 0.0))
+    row = jnp.where(n > 0, n * load_vmean_row(jnp.sum(jnp.where(pick, pages, 0))).astype(jnp.float32), 0.0)
+    total = row if total is None else total + row
+  return total
+
+
 def _normalize(o, l, extra, v_total, n_total, compensate):
   """The loop's unnormalized output [Gp, D] over its mass l [Gp], with the unread tail folded in if `compensate`
   (the tail estimate of the chunk the loop stopped after; 0 once every block is read, so tau = 1 stays exact)."""
@@ -110,8 +136,8 @@ def progressive_loop(
     load_pages: Callable[[jax.Array], jax.Array],  # [C] logical -> [C] physical pages
     load_kv: Callable[[jax.Array], tuple[jax.Array, jax.Array]],  # [C] pages -> 2 x [C, S, D]
     load_log_remaining: Callable[[jax.Array], jax.Array] | None,  # i -> [Gp]
-    load_vmean: Callable[[jax.Array], jax.Array] | None,  # [C] pages -> [C, D]; when stopping.needs_values
-    v_total: jax.Array | None,  # [D] float32, `value_totals` of the sequence and head; when stopping.needs_values
+    load_vmean_row: Callable[[jax.Array], jax.Array] | None,  # page [] -> its vmean [1, D]; when stopping.needs_values
+    v_total: jax.Array | None,  # [1, D] float32, `value_totals` of the sequence and head; when stopping.needs_values
     group: int,
     block_size: int,
     chunk_blocks: int,
@@ -160,14 +186,15 @@ def progressive_loop(
     extra_new = {}
     if values:
       ntok = jnp.where(in_budget, _block_tokens(logical, length, s), 0.0)  # [C]
-      extra_new["v_read"] = extra["v_read"] + jnp.sum(_weighted_rows(ntok, load_vmean(pages)), axis=0)
+      extra_new["v_read"] = extra["v_read"] + _read_values(pages, ntok, load_vmean_row)
       extra_new["n_read"] = extra["n_read"] + jnp.sum(ntok)
       tail_log_rem = {}
       if tail != "last_chunk":
         tail_log_rem = dict(log_rem_begin=load_log_remaining(jnp.minimum(start, num_order_slots - 1)),
                             log_rem_end=load_log_remaining(jnp.minimum(visited, num_order_slots - 1)))
-      extra_new["tail"] = unread = stopping.unread_mass(tail, chunk_mass, blocks_in_chunk, blocks_left, tau=tau,
-                                                        **tail_log_rem)  # [Gp]
+      unread = stopping.unread_mass(tail, chunk_mass, blocks_in_chunk, blocks_left, tau=tau, **tail_log_rem)  # [Gp]
+    if compensate:
+      extra_new["out"] = _normalize(o_new, l_new, dict(extra_new, tail=unread), v_total, n_total, compensate)
     if estimator is not None:
       if estimator == "score_mass":
         log_rem = load_log_remaining(jnp.minimum(visited, num_order_slots - 1))
@@ -193,7 +220,9 @@ def progressive_loop(
 
   extra = {}
   if values:
-    extra.update(v_read=jnp.zeros((d,), jnp.float32), n_read=jnp.float32(0), tail=jnp.zeros((gp,), jnp.float32))
+    extra.update(v_read=jnp.zeros((1, d), jnp.float32), n_read=jnp.float32(0))
+  if compensate:
+    extra["out"] = jnp.zeros((gp, d), jnp.float32)  # what an empty sequence returns
   if streaks:
     extra["streak"] = jnp.int32(0)
   init = (
@@ -206,7 +235,9 @@ def progressive_loop(
       extra,
   )
   _, o, _, l, visited, _, extra = lax.while_loop(lambda carry: jnp.logical_not(carry[5]), body, init)
-  return _normalize(o, l, extra, v_total if values else None, n_total if values else None, compensate), visited
+  if compensate:
+    return extra["out"], visited
+  return _normalize(o, l, extra, None, None, compensate), visited
 
 
 def _kernel(q_ref, k_ref, v_ref, table_ref, order_ref, log_rem_ref, vmean_ref, v_total_ref, info_ref, tau_ref,
@@ -230,7 +261,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, order_ref, log_rem_ref, vmean_ref, v
       load_pages=lambda logical: table_ref[logical],
       load_kv=lambda pages: (k_ref[pages], v_ref[pages]),
       load_log_remaining=load_log_remaining,
-      load_vmean=None if vmean_ref is None else (lambda pages: vmean_ref[pages]),
+      load_vmean_row=None if vmean_ref is None else (lambda page: vmean_ref[pl.ds(page, 1), :]),
       v_total=None if v_total_ref is None else v_total_ref[...],
       **loop_kwargs,
   )
@@ -283,7 +314,7 @@ def progressive_attention_pallas(
       None if order is None else pl.BlockSpec((None, None, m), lambda i, j: (i, j, 0)),
       None if log_remaining is None else pl.BlockSpec((None, None, gp, m), lambda i, j: (i, j, 0, 0)),
       None if vmean is None else pl.BlockSpec((None, p, d), lambda i, j: (j, 0, 0)),
-      None if v_total is None else pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0)),
+      None if v_total is None else pl.BlockSpec((None, None, 1, d), lambda i, j: (i, j, 0, 0)),
       pl.BlockSpec((None, INFO_WIDTH), lambda i, j: (i, 0)),
       pl.BlockSpec((None, 1), lambda i, j: (i, 0)),
   ]
@@ -302,7 +333,8 @@ def progressive_attention_pallas(
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"progressive_attention_{estimator or 'fixed'}",
-  )(q, k_pages, v_pages, block_table, order, log_remaining, vmean, v_total, info, tau[:, None])
+  )(q, k_pages, v_pages, block_table, order, log_remaining, vmean,
+    None if v_total is None else v_total[:, :, None, :], info, tau[:, None])
   return out, used[..., 0]
 
 
