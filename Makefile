@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,peers
 
-.PHONY: setup test test-fast serve gpu-check gpu-wheels bench-peers clean
+.PHONY: setup test test-fast serve gpu-check gpu-compile gpu-compiler gpu-wheels bench-peers clean
 
 setup: $(VENV)/.installed-$(EXTRAS)
 
@@ -16,11 +16,11 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	touch $@
 
 # worksteal: an idle worker takes queued tests from the busy one, so the long tests do not end the run alone.
-test: setup
+test: setup gpu-compiler
 	$(PY) -m pytest -q -n 2 --dist=worksteal
 
 # The inner loop: everything but the tests marked slow (about a third of the suite's time).
-test-fast: setup
+test-fast: setup gpu-compiler
 	$(PY) -m pytest -q -n 2 --dist=worksteal -m "not slow"
 
 serve: setup
@@ -31,6 +31,24 @@ serve: setup
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
 bench-peers: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-binary llama-cpp-python 'llama-cpp-python==0.3.36'
+
+# The Triton compiler XLA:GPU uses, for compiling the Pallas kernels to PTX on a machine without a GPU: the CUDA
+# plugin wheels of the installed jaxlib's version and ptxas, with --no-deps, in a folder of their own that only the
+# compile check's worker processes put on their path (psa_jax/pallas_kernels/gpu_compile.py).
+GPU_COMPILER ?= .gpu-compile
+PTXAS_WHEEL ?= nvidia-cuda-nvcc-cu12==12.9.86
+gpu-compiler: $(GPU_COMPILER)/.installed
+
+$(GPU_COMPILER)/.installed: $(VENV)/.installed-$(EXTRAS)
+	rm -rf $(GPU_COMPILER)
+	v=$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)') && \
+	  $(PY) -m pip install -q --no-deps --target $(GPU_COMPILER) "jax-cuda12-plugin==$$v" "jax-cuda12-pjrt==$$v" \
+	  '$(PTXAS_WHEEL)'
+	touch $@
+
+# Every Pallas kernel in every configuration, lowered for CUDA and compiled to PTX for sm_90 and sm_80, here.
+gpu-compile: setup gpu-compiler
+	$(PY) scripts/gpu_compile.py $(ARGS)
 
 # The GPU check (scripts/gpu_check.py). On the lent GPU machine there is no .venv: its python3 has jax, flax and
 # torch, and what it lacks travels as wheels from `make gpu-wheels` (carry .gpu-wheels), installed here with
@@ -57,4 +75,4 @@ gpu-wheels: setup
 	ls $(WHEELS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(GPU_COMPILER) .pytest_cache .hypothesis *.egg-info

@@ -30,7 +30,7 @@ from psa_jax.pallas_kernels.summaries import BlockSummaries
 from psa_jax.config import IMPLS, DenseConfig, PSAConfig, TopKConfig, check_tau
 
 
-def _resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
@@ -111,7 +111,7 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
   block_table = block_table.astype(jnp.int32)
   qg = q.reshape(batch, kv_heads, group, head_dim)
 
-  # Padding: the Triton lowering wants power-of-two tiles and matmuls of at least 16 rows.
+  # Padding: the Triton lowering wants power-of-two tiles and matmuls of at least 16 rows (head_dim: below).
   if impl == "pallas":
     gp = max(16, _next_pow2(group))
     width = max(16, chunk, _next_pow2(block_table.shape[1]))
@@ -125,26 +125,32 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
     as_bf16 = lambda x: jax.lax.bitcast_convert_type(x, jnp.bfloat16)
     k_pages, v_pages = as_bf16(k_pages), as_bf16(v_pages)
     summaries = None if summaries is None else BlockSummaries(*map(as_bf16, summaries))
+  if impl == "pallas" and _next_pow2(head_dim) != head_dim:
+    # Triton tiles are powers of two: zero channels change no logit, block score, value or norm, so the padded
+    # call returns the unpadded result. It copies the pool on every call; an arena meant for the Pallas path
+    # would store pages padded instead.
+    dp = _next_pow2(head_dim)
+    qg, k_pages, v_pages = (_pad_axis(x, x.ndim - 1, dp) for x in (qg, k_pages, v_pages))
+    summaries = None if summaries is None else BlockSummaries(*(_pad_axis(x, 2, dp) for x in summaries))
   run = functools.partial(_attend, k_pages=k_pages, v_pages=v_pages, block_table=block_table, lengths=lengths,
                           summaries=summaries, tau=tau, kind=kind, config=config, impl=impl, interpret=interpret,
-                          group=group)
+                          group=group, sm_scale=1.0 / math.sqrt(head_dim))
   if impl == "xla" and kind != "dense":
     # One scoring, plan and loop per KV head, each head stopping on its own (see progressive_attention_xla).
     outs, used = zip(*(run(qg[:, h:h + 1], heads=(h,)) for h in range(kv_heads)))
     out, used = jnp.concatenate(outs, axis=1), jnp.concatenate(used, axis=1)
   else:
     out, used = run(qg, heads=None)
-  out = out[:, :, :group].reshape(batch, q_heads, head_dim).astype(q.dtype)
+  out = out[:, :, :group, :head_dim].reshape(batch, q_heads, head_dim).astype(q.dtype)
   return out, used
 
 
 def _attend(qg, *, k_pages, v_pages, block_table, lengths, summaries, tau, kind, config, impl, interpret, group,
-            heads):
+            heads, sm_scale):
   """Attention of the query groups qg [B, h, Gp, D] against KV heads `heads` of the pool (None: all, h = H).
   Returns out [B, h, Gp, D] (float32) and blocks used [B, h]."""
-  batch, _, _, head_dim = qg.shape
+  batch = qg.shape[0]
   block_size = k_pages.shape[2]
-  sm_scale = 1.0 / math.sqrt(head_dim)
   chunk = config.chunk_blocks
   plan = None
   if kind != "dense":
@@ -191,7 +197,7 @@ def _attend(qg, *, k_pages, v_pages, block_table, lengths, summaries, tau, kind,
 
 def _run(kind, q, k_pages, v_pages, block_table, lengths, summaries, config, tau, impl, interpret):
   _validate(q, k_pages, v_pages, block_table, lengths, summaries)
-  impl = _resolve_impl(impl)
+  impl = resolve_impl(impl)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   batch = q.shape[0]

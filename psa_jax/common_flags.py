@@ -23,6 +23,9 @@ DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
 KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16", ["model", "float32", "bfloat16"],
                              "KV cache dtype (model: the weights' dtype). bfloat16, like llama.cpp's f16 cache, "
                              "halves the arena and the bytes each decode step reads.")
+IMPL = flags.DEFINE_enum("impl", AttentionDefaults.impl, ["auto", "xla", "pallas"],
+                         "Attention implementation: auto (the Pallas kernels on a GPU, the XLA path elsewhere), "
+                         "pallas (interpreted off a GPU: slow, for checks) or xla.")
 WEIGHTS = flags.DEFINE_enum("weights", "float", ["float", "int8"],
                             "int8: per-channel int8 weights times per-row int8 activations, int32 accumulation "
                             "(a quarter of float32's bytes per decode step; outputs differ slightly from the "

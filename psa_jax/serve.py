@@ -43,6 +43,12 @@ _WARMUP = flags.DEFINE_bool("warmup", True, "Compile the common shapes (or load 
                             "before listening.")
 _WARMUP_CONTEXT = flags.DEFINE_integer("warmup_context", 1024, "Decode windows are warmed up for contexts up to "
                                        "this many tokens; longer ones compile when first met.")
+_KERNEL_CHECK = flags.DEFINE_enum("kernel_check", "auto", ["auto", "always", "never"],
+                                  "Before warming up, compile each attention's Pallas kernels for this GPU in a "
+                                  "worker process, and serve an attention whose kernel fails on the XLA path. auto: "
+                                  "when the kernels run compiled (on a GPU); always: also when they are interpreted.")
+_GPU_COMPILER_DIR = flags.DEFINE_string("gpu_compiler_dir", None, "Folder of the Triton compiler's wheels for the "
+                                        "kernel check, for a jax without its own (`make gpu-compiler`).")
 _CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None, "JAX's persistent compilation cache, so a restart "
                                  "skips compiling (default: ~/.cache/psa_jax/xla; 'none' disables it).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling default for requests that leave it out (a model's "
@@ -92,7 +98,8 @@ def main(argv):
   try:
     config = EngineConfig(
         attention=AttentionDefaults(kind=_ATTENTION.value, psa_tau=shared.PSA_TAU.value,
-                                    topk_blocks=shared.TOPK_BLOCKS.value, dense_layers=shared.DENSE_LAYERS.value),
+                                    topk_blocks=shared.TOPK_BLOCKS.value, dense_layers=shared.DENSE_LAYERS.value,
+                                    impl=shared.IMPL.value),
         cache=CacheConfig(kv_memory=kv_memory, block_size=_BLOCK.value, kv_dtype=shared.KV_DTYPE.value,
                           max_context=_MAX_CONTEXT.value or model.config.max_context),
         scheduler=SchedulerConfig(max_batch=_MAX_BATCH.value,
@@ -103,6 +110,8 @@ def main(argv):
     engine = Engine(model, loaded.tokenizer, config)
   except ValueError as e:  # a flag the model or the machine cannot honour
     raise SystemExit(f"psa_jax: {e}") from None
+  compilation.check_kernels(engine, compilation.KernelCheck(when=_KERNEL_CHECK.value,
+                                                            compiler_dir=_GPU_COMPILER_DIR.value))
   if _WARMUP.value:
     engine.warmup(context=_WARMUP_CONTEXT.value, progress=True)
   name = _NAME.value or (shared.MODEL.value or checkpoint.DEFAULT_MODEL)

@@ -3,9 +3,13 @@
     make gpu-check                 # on the GPU machine: Pallas through Triton, 32K-128K tokens, an 8B-shaped engine
     make gpu-check ARGS=--smoke    # anywhere: tiny shapes, Pallas interpreted (the test suite runs this)
 
-Four stages, each in a process of its own with its own time cap, so a hung compilation costs that stage and
+Five stages, each in a process of its own with its own time cap, so a hung compilation costs that stage and
 not the run, and each stage gets the whole accelerator (JAX and torch each reserve most of its memory):
   environment  what the machine has; fails in seconds, naming what is missing, before anything compiles.
+  compile      the GPU compile check (psa_jax/pallas_kernels/gpu_compile.py): each attention's Pallas kernels at
+               its defaults, at the kernel and engine shapes, compiled for this GPU in worker processes, so a
+               Triton crash costs a row, not the day. An attention whose kernels fail is measured on the XLA path
+               by the stages after it, and the report says so.
   kernels      each Pallas kernel compiled for real, checked against the jnp reference (ragged batches,
                bfloat16 and float32) and timed against the XLA path and the reference; achieved bandwidth for
                the bytes each kernel read (pages visited + block summaries), against the HBM peak.
@@ -42,12 +46,15 @@ from absl import app, flags  # noqa: E402
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes with Pallas interpreted: checks the script on a CPU.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where gpu_check.json and gpu_check.png go (default $OUT).")
-_STAGES = flags.DEFINE_list("stages", ["environment", "kernels", "engine", "torch"], "Stages to run, in order.")
+_STAGES = flags.DEFINE_list("stages", ["environment", "compile", "kernels", "engine", "torch"],
+                            "Stages to run, in order.")
+_COMPILER_DIR = flags.DEFINE_string("compiler_dir", None, "Triton compiler wheels for the compile stage (default: "
+                                    "the running jax's own on a GPU, the repository's .gpu-compile in --smoke).")
 _KEY_SCALE = flags.DEFINE_float("key_scale", 3.0, "Scale of the random decoder's key weights (engine stage).")
 _CAPS = flags.DEFINE_list("caps", [], "Time caps to override, as stage=seconds (e.g. engine=300).")
 _STAGE = flags.DEFINE_string("stage", None, "Internal: run one stage in this process.")
 
-STAGES = ("environment", "kernels", "engine", "torch")
+STAGES = ("environment", "compile", "kernels", "engine", "torch")
 HBM_BYTES_PER_S = 4.8e12  # the H200's HBM3e peak
 
 
@@ -78,13 +85,13 @@ LLAMA3_8B = dict(arch="llama", vocab_size=128256, hidden_size=4096, num_layers=3
                  head_dim=128, intermediate_size=14336, rope_theta=500000.0, max_context=131072 + 1024)
 
 GPU = Profile(
-    caps_s={"environment": 60, "kernels": 140, "engine": 230, "torch": 50},  # 8 minutes in all
+    caps_s={"environment": 60, "compile": 60, "kernels": 140, "engine": 230, "torch": 50},  # 9 minutes in all
     kernel_contexts=(32768, 65536, 131072), kernel_batch=4, q_heads=32, kv_heads=8, head_dim=128, repeats=10,
     engine_model=LLAMA3_8B, engine_contexts=(131072, 32768), engine_batches=(1, 16), decode_steps=32,
     decode_window=16, prefill_chunk=8192, topk_blocks=64, interpret=False)
 
 SMOKE = Profile(
-    caps_s={"environment": 120, "kernels": 300, "engine": 300, "torch": 120},
+    caps_s={"environment": 120, "compile": 120, "kernels": 300, "engine": 300, "torch": 120},
     kernel_contexts=(300,), kernel_batch=3, q_heads=4, kv_heads=2, head_dim=32, repeats=1,
     engine_model=dict(arch="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=16, intermediate_size=128, max_context=1024),
@@ -153,6 +160,39 @@ def stage_environment(rec: Recorder, p: Profile) -> None:
   from psa_jax.serving import engine  # noqa: F401
 
 
+# ---------------------------------------------------------------------------------------------------- compile
+
+def stage_compile(rec: Recorder, p: Profile, compiler_dir: str | None) -> None:
+  from psa_jax.pallas_kernels import gpu_compile
+  from psa_jax.serving.compilation import _device_arch
+
+  arch = _device_arch()
+  shapes = {(p.q_heads, p.kv_heads, p.head_dim)}
+  m = p.engine_model
+  shapes.add((m["num_heads"], m["num_kv_heads"], m["head_dim"]))
+  cases = [gpu_compile.Case(kind, config(), dtype, gpu_compile.KernelShape(f"{hq}/{hk}x{d}", hq, hk, d))
+           for hq, hk, d in sorted(shapes) for dtype in ("bfloat16", "float32")
+           for kind, config in gpu_compile.KIND_CONFIGS.items()]
+  rec.set(arch=arch, compiler_dir=compiler_dir)
+  rows = gpu_compile.check(cases, gpu_compile.CheckConfig(archs=(arch,), compiler_dir=compiler_dir),
+                           progress=lambda r: rec.row(**{k: r.get(k) for k in (
+                               "kind", "dtype", "shape", "kernel", "arch", "status", "smem_bytes", "registers",
+                               "spill_bytes")}))
+  failed = {}
+  for case, status in zip(cases, gpu_compile.case_status(cases, rows)):
+    if status and case.kind not in failed:
+      failed[case.kind] = status
+  rec.set(failed_kinds=failed)
+  if failed:
+    raise SystemExit(f"kernels that do not compile for {arch}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+
+
+def failed_kinds(out_dir: pathlib.Path) -> dict[str, str]:
+  """The compile stage's verdict: attention kind -> why its Pallas kernels did not compile ({} if it did not run)."""
+  path = out_dir / "stage_compile.json"
+  return json.loads(path.read_text()).get("failed_kinds", {}) if path.exists() else {}
+
+
 # ---------------------------------------------------------------------------------------------------- kernels
 
 def planted_inputs(seed: int, lengths, *, q_heads, kv_heads, head_dim, dtype, block_size=16, heavy=8,
@@ -207,7 +247,7 @@ def _median_ms(fn, x, repeats):
   return statistics.median(times) * 1e3
 
 
-def stage_kernels(rec: Recorder, p: Profile) -> None:
+def stage_kernels(rec: Recorder, p: Profile, failed: dict[str, str]) -> None:
   import functools
   import jax
   import jax.numpy as jnp
@@ -232,6 +272,11 @@ def stage_kernels(rec: Recorder, p: Profile) -> None:
       item = jnp.dtype(dtype).itemsize
       n_blocks = int(np.sum(-(-np.asarray(lengths) // 16)))
       for kind, call in calls.items():
+        if kind in failed:  # its kernel does not compile: running it would cost the stage
+          failures += 1
+          rec.row(context=context, dtype=jnp.dtype(dtype).name, kind=kind, ok=False,
+                  pallas=f"not run: {failed[kind]}")
+          continue
         fns = {impl: jax.jit(functools.partial(call, impl=impl)) for impl in ("pallas", "xla", "reference")}  # compiled on first call
         got, used = fns["pallas"](x)
         want, want_used = fns["reference"](x)
@@ -274,7 +319,7 @@ def random_decoder(p: Profile, key_scale: float):
   return model
 
 
-def stage_engine(rec: Recorder, p: Profile, key_scale: float) -> None:
+def stage_engine(rec: Recorder, p: Profile, key_scale: float, failed: dict[str, str]) -> None:
   import numpy as np
   from psa_jax.bench.e2e import prefill_and_hold, timed_decode
   from psa_jax.serving.config import AttentionDefaults, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
@@ -295,6 +340,12 @@ def stage_engine(rec: Recorder, p: Profile, key_scale: float) -> None:
       scheduler=SchedulerConfig(max_batch=max(p.engine_batches), decode_window=window,
                                 prefill_chunk=p.prefill_chunk),
       parallel=ParallelConfig(mesh="none")), num_pages=num_pages)
+  from psa_jax.attention import resolve_impl
+  from psa_jax.serving.compilation import fall_back
+  moved = fall_back(engine, failed)
+  for kind, reason in moved.items():
+    rec.note(f"{kind}: measured on the XLA path, its Pallas kernel did not compile ({reason})")
+  impl = {kind: resolve_impl(b.impl) for kind, b in engine.runner.backends.items()}
   rng = np.random.default_rng(0)
   for i, context in enumerate(p.engine_contexts):
     prompt = rng.integers(0, c.vocab_size, context).tolist()
@@ -304,7 +355,8 @@ def stage_engine(rec: Recorder, p: Profile, key_scale: float) -> None:
     for batch in p.engine_batches:
       for attention in ("dense", "topk", "psa"):
         r = timed_decode(engine, base, attention, batch, p.decode_steps)
-        rec.row(part="decode", context=context, batch=batch, attention=attention, ms_per_token=r["ms_per_token"],
+        rec.row(part="decode", context=context, batch=batch, attention=attention, impl=impl[attention],
+                fallback=attention in moved, ms_per_token=r["ms_per_token"],
                 tokens_per_s=r["tokens_per_s"], kv_share_read=r["kv_share_read"])
     engine.cancel(base.id)
     engine.step()
@@ -379,6 +431,15 @@ def stage_torch(rec: Recorder, p: Profile) -> None:
 
 # ----------------------------------------------------------------------------------------------- orchestration
 
+def compiler_dir() -> str | None:
+  if _COMPILER_DIR.value:
+    return _COMPILER_DIR.value
+  if _SMOKE.value:  # no GPU, so no Triton compiler in jax: the one `make gpu-compiler` installs
+    from psa_jax.pallas_kernels.gpu_compile import repo_compiler_dir
+    return repo_compiler_dir()
+  return None
+
+
 def run_stage(stage: str, out_dir: pathlib.Path) -> None:
   """One stage, in this process."""
   p = profile()
@@ -388,10 +449,12 @@ def run_stage(stage: str, out_dir: pathlib.Path) -> None:
   try:
     if stage == "environment":
       stage_environment(rec, p)
+    elif stage == "compile":
+      stage_compile(rec, p, compiler_dir())
     elif stage == "kernels":
-      stage_kernels(rec, p)
+      stage_kernels(rec, p, failed_kinds(out_dir))
     elif stage == "engine":
-      stage_engine(rec, p, _KEY_SCALE.value)
+      stage_engine(rec, p, _KEY_SCALE.value, failed_kinds(out_dir))
     else:
       stage_torch(rec, p)
   except SystemExit as e:
@@ -417,6 +480,7 @@ def orchestrate(out_dir: pathlib.Path) -> int:
       raise SystemExit(f"unknown stage {stage!r}; stages: {STAGES}")
     cmd = [sys.executable, __file__, f"--stage={stage}", f"--out_dir={out_dir}", f"--key_scale={_KEY_SCALE.value}"]
     cmd += ["--smoke"] if _SMOKE.value else []
+    cmd += [f"--compiler_dir={_COMPILER_DIR.value}"] if _COMPILER_DIR.value else []
     cap = caps.get(stage, p.caps_s[stage])
     path = out_dir / f"stage_{stage}.json"
     path.unlink(missing_ok=True)
@@ -451,6 +515,12 @@ def report(results: dict, out_dir: pathlib.Path) -> None:
 
   env = results.get("environment", {})
   print(f"\nmachine: {env.get('machine')}  python {env.get('python')}  torch: {results.get('torch', {}).get('torch')}")
+  compiled = results.get("compile", {}).get("rows", [])
+  if compiled:
+    print("\n" + common.table(compiled, ["kind", "dtype", "shape", "kernel", "arch", "status", "smem_bytes",
+                                          "registers", "spill_bytes"]))
+  for kind, reason in results.get("compile", {}).get("failed_kinds", {}).items():
+    print(f"fallback: {kind} attention measured on the XLA path ({reason})")
   kernels = results.get("kernels", {}).get("rows", [])
   if kernels:
     print("\n" + common.table(kernels, ["context", "dtype", "kind", "ok", "max_err", "rows_same_blocks", "kv_share",
@@ -461,14 +531,14 @@ def report(results: dict, out_dir: pathlib.Path) -> None:
   if prefill:
     print("\n" + common.table(prefill, ["context", "ttft_s", "prefill_tok_per_s", "includes_compilation"]))
   if decode:
-    print("\n" + common.table(decode, ["context", "batch", "attention", "ms_per_token", "tokens_per_s",
+    print("\n" + common.table(decode, ["context", "batch", "attention", "impl", "ms_per_token", "tokens_per_s",
                                         "kv_share_read"]))
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
   for kind in ("dense", "topk", "psa"):
-    rows = [r for r in kernels if r["kind"] == kind and r["dtype"] == "bfloat16"]
+    rows = [r for r in kernels if r["kind"] == kind and r["dtype"] == "bfloat16" and "hbm_share" in r]
     ax1.plot([r["context"] for r in rows], [r["hbm_share"] for r in rows], "o-", label=kind)
   ax1.set(xscale="log", xlabel="context (tokens)", ylabel="share of HBM peak", title="Pallas kernels, bfloat16")
   labels = sorted({(r["context"], r["batch"]) for r in decode})

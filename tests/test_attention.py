@@ -309,3 +309,23 @@ def test_xla_value_rule_streak_across_wide_iterations_matches_oracle(config, see
   assert (stop_chunk % 8 != 7).any()  # some head stopped inside a wide iteration of 8 chunks
   # and the run of boundaries at which the rule held, which stopped it, began in the iteration before
   assert (stop_chunk % 8 < config.patience - 1).any()
+
+
+@pytest.mark.parametrize("head_dim", [80, 96])
+@pytest.mark.parametrize("kind, config", [
+    ("dense", DenseConfig()), ("topk", TopKConfig(k_blocks=2, chunk_blocks=2)), ("psa", PSAConfig()),
+    ("psa", VALUE_CONFIGS["value_patience_compensated"]),
+], ids=["dense", "topk", "psa_default", "psa_compensated"])
+def test_a_head_dim_that_is_not_a_power_of_two_runs_on_the_pallas_path(head_dim, kind, config):
+  # The Triton lowering takes power-of-two tiles only: the wrapper pads the channels with zeros.
+  x = inputs(group=3, seed=1, head_dim=head_dim)
+  if kind == "dense":
+    out = dense_attention(*x[:5], config, impl="pallas")
+    close(out, dense_oracle(x), jnp.float32)
+    return
+  fn = topk_attention if kind == "topk" else psa_attention
+  out, used = fn(*x, config, impl="pallas")
+  ref_out, ref_used = fn(*x, config, impl="reference")
+  np.testing.assert_array_equal(used, ref_used)
+  assert out.shape == x.q.shape
+  close(out, ref_out, jnp.float32)

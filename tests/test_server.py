@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests import tiny_models
-from tests.server_process import QUICK, running_server
+from tests.server_process import QUICK, SMOLLM_FLAGS, running_server
 
 
 def chat(url, content, **extra):
@@ -439,3 +439,20 @@ def test_sigterm_drains_in_flight_streams_refuses_new_requests_and_exits_cleanly
       assert reasons[-1] in ("length", "stop")
       if n == 24:  # finished within the drain
         assert reasons[-1] == "length"
+
+
+@pytest.mark.slow
+def test_a_server_whose_kernels_do_not_compile_serves_on_the_xla_path_and_says_so(tmp_path):
+  # The check runs before the server listens. No Triton compiler to be found (an empty compiler folder) fails
+  # every kernel: each attention moves to the XLA path, and its first request is answered as usual.
+  (tmp_path / "no_compiler").mkdir()
+  log = tmp_path / "serve.log"
+  with running_server(*SMOLLM_FLAGS, "--impl=pallas", "--kernel_check=always",
+                      f"--gpu_compiler_dir={tmp_path / 'no_compiler'}", log_path=log) as (url, _):
+    r = chat(url, "Hi", max_tokens=4)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+  text = log.read_text()
+  for kind in ("dense", "topk", "psa"):
+    assert f"the {kind} attention's Pallas kernel did not compile for sm_90 (" in text
+    assert f"{kind} attention runs on the XLA path" in text
+  assert "no Triton compiler for CUDA" in text and "GPU kernel check for sm_90: 0/5 kernels compiled" in text

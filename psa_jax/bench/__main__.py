@@ -33,7 +33,6 @@ _ATTENTIONS = flags.DEFINE_list("attentions", ["dense", "topk", "psa"], "Attenti
 _DECODE_STEPS = flags.DEFINE_integer(
     "decode_steps", 64,
     "Timed decode tokens per sequence (e2e and sharding: whole windows, a row reports the median window; peers).")
-_IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"], "Kernel implementation (kernel study).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per point (kernel).")
 _SAMPLES = flags.DEFINE_integer("samples", 2, "Prompts per task and context (tasks).")
 _PPL_CONTEXT = flags.DEFINE_integer("ppl_context", 4096, "Tokens of prose for the perplexity run (tasks).")
@@ -129,7 +128,7 @@ def main(argv):
     config = kernel.KernelConfig(
         contexts=contexts or kernel.KernelConfig.contexts, attentions=tuple(_ATTENTIONS.value),
         psa_tau=shared.PSA_TAU.value,
-        topk_blocks=shared.TOPK_BLOCKS.value, impl=_IMPL.value, repeats=_REPEATS.value)
+        topk_blocks=shared.TOPK_BLOCKS.value, impl=shared.IMPL.value, repeats=_REPEATS.value)
     kernel.run(config, out)
 
 

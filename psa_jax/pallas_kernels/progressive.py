@@ -16,18 +16,20 @@ Both must take the same decisions as the loop-free oracle in `reference.py`, whi
 tests hold each loop against it.
 
 The value-aware parts ("value" estimator, `compensate`) also need, per KV head, the value summaries (vmean) of the
-blocks read so far and of the whole sequence, both weighted by each block's token count. The loops read the vmean
-rows of the pages they visit (C rows of D per chunk beside the [C, S, D] of KV); the whole sequence's sum is
-computed once before the loop. Without them (`stopping.needs_values` False) the loops carry and read nothing extra.
-The Pallas loop is shaped around the Triton compiler's layout pass (RemoveLayoutConversions), which crashes or
-mis-types the value bookkeeping otherwise, for every num_warps, num_stages and architecture tried (the GPU
-compile check, `gpu_compile.py`, holds every configuration to this):
-  * it reads the vmean rows one block at a time (`_read_values`), never as one [C, D] gather by the page indices
-    that the [C, S, D] KV gather also uses;
-  * its value sums are [1, D], not [D];
+blocks read so far and of the whole sequence, both weighted by each block's token count. The whole sequence's sum
+is computed once before the loop. The XLA loop adds up the vmean rows of the pages it visits (C rows of D per
+chunk beside the [C, S, D] of KV); the Pallas loop reads the sum of the blocks read by the end of each chunk from
+`value_prefix`, computed before the loop in visit order, one [1, D] row per chunk. Without them
+(`stopping.needs_values` False) the loops carry and read nothing extra.
+
+The Pallas loop is shaped around the Triton compiler's layout pass (RemoveLayoutConversions), which otherwise
+segfaults or mis-types the value bookkeeping, nondeterministically, for every num_warps, num_stages and
+architecture tried (the GPU compile check, `gpu_compile.py`, holds every configuration to this):
+  * it carries no sum of value rows: any vmean row it gathers and accumulates across chunks crashed the pass at
+    head_dim 128, and a [C, D] gather by the page indices of the [C, S, D] KV gather crashed it at any head_dim;
   * every tensor it carries is read inside the loop by something other than its own update: with `compensate`
-    it carries the compensated output of the chunks read so far instead of the tail estimate, which the output
-    alone would read, after the loop.
+    it carries the compensated output of the chunk it stopped after, kept by a select on the loop's own stop;
+  * the stop goes through the patience streak's counter at every patience, 1 included.
 
 Shapes: B batch, H kv heads, Gp query heads per kv head padded, D head_dim, P pages, S block size,
 M blocks per sequence (padded to a multiple of chunk_blocks).
@@ -98,21 +100,25 @@ def value_totals(vmean: jax.Array, block_table: jax.Array, lengths: jax.Array, *
   return jnp.einsum("bm,bhmd->bhd", ntok, weighted, precision=lax.Precision.HIGHEST)
 
 
-def _read_values(pages: jax.Array, ntok: jax.Array, load_vmean_row: Callable[[jax.Array], jax.Array]) -> jax.Array:
-  """sum over a chunk's blocks of ntok * vmean, float32 [1, D], reading one vmean row per block.
+def value_prefix(vmean: jax.Array, block_table: jax.Array, order: jax.Array, lengths: jax.Array, limit: jax.Array,
+                 *, block_size: int, chunk_blocks: int) -> jax.Array:
+  """Sum of n_tokens * vmean over the blocks a loop has read by the end of each chunk: float32 [B, H, M / C, D].
 
-  pages, ntok: [C]; load_vmean_row: a page [] -> its vmean row [1, D]. Each block's page and token count are taken
-  out of the [C] vectors by a masked sum, so no row load shares an index tensor with the chunk's KV gather (see the
-  module docstring); C is the static chunk size. The sums stay [1, D] rather than [D]: a [D] vector carried through
-  the loop, where only the add reads it, gets a different Triton layout at either end of the add.
+  vmean: [H, P, D]; block_table: [B, M]; order: [B, H, M] (the visit order); lengths, limit: [B]. Row i holds the
+  blocks at positions below min((i + 1) * C, limit) of `order`, the blocks the loop has visited after chunk i.
+  One gather of every block's row, in visit order, then a sum per chunk and a prefix sum over chunks.
   """
-  total = None
-  for b in range(pages.shape[0]):
-    pick = jnp.arange(pages.shape[0]) == b
-    n = jnp.sum(jnp.where(pick, ntok, 0.0))
-    row = jnp.where(n > 0, n * load_vmean_row(jnp.sum(jnp.where(pick, pages, 0))).astype(jnp.float32), 0.0)
-    total = row if total is None else total + row
-  return total
+  b, h, m = order.shape
+  n_pages = vmean.shape[1]
+  ntok = _block_tokens(jnp.arange(m)[None, :], lengths[:, None], block_size)  # [B, M] by logical block
+  weight = jnp.take_along_axis(jnp.broadcast_to(ntok[:, None], order.shape), order, axis=-1)  # [B, H, M] by position
+  weight = jnp.where(jnp.arange(m) < limit[:, None, None], weight, 0.0)
+  pages = jnp.take_along_axis(jnp.broadcast_to(block_table[:, None], order.shape), order, axis=-1)
+  rows = jnp.arange(h)[None, :, None] * n_pages + jnp.where(weight > 0, pages, 0)
+  gathered = unpack(vmean.reshape(n_pages * h, -1)[rows]).astype(jnp.float32)  # [B, H, M, D]
+  weighted = jnp.where(weight[..., None] > 0, weight[..., None] * gathered, 0.0)
+  per_chunk = weighted.reshape(b, h, m // chunk_blocks, chunk_blocks, -1).sum(axis=3)
+  return jnp.cumsum(per_chunk, axis=2)
 
 
 def _normalize(o, l, extra, v_total, n_total, compensate):
@@ -136,7 +142,7 @@ def progressive_loop(
     load_pages: Callable[[jax.Array], jax.Array],  # [C] logical -> [C] physical pages
     load_kv: Callable[[jax.Array], tuple[jax.Array, jax.Array]],  # [C] pages -> 2 x [C, S, D]
     load_log_remaining: Callable[[jax.Array], jax.Array] | None,  # i -> [Gp]
-    load_vmean_row: Callable[[jax.Array], jax.Array] | None,  # page [] -> its vmean [1, D]; when stopping.needs_values
+    load_value_prefix: Callable[[jax.Array], jax.Array] | None,  # chunk i -> [1, D] (value_prefix); when needs_values
     v_total: jax.Array | None,  # [1, D] float32, `value_totals` of the sequence and head; when stopping.needs_values
     group: int,
     block_size: int,
@@ -154,7 +160,9 @@ def progressive_loop(
   head_ok = jnp.arange(gp) < group
   n_valid = (length + s - 1) // s
   values = stopping.needs_values(estimator, compensate)
-  streaks = estimator is not None and patience > 1
+  # The rule's streak is counted even at patience 1, where it changes nothing: without that carry the Triton
+  # compiler crashed on every compensated configuration (see the module docstring).
+  streaks = estimator is not None
   if values:
     n_total = length.astype(jnp.float32)  # the token counts of the sequence's blocks add up to its length
 
@@ -186,15 +194,15 @@ def progressive_loop(
     extra_new = {}
     if values:
       ntok = jnp.where(in_budget, _block_tokens(logical, length, s), 0.0)  # [C]
-      extra_new["v_read"] = extra["v_read"] + _read_values(pages, ntok, load_vmean_row)
+      v_read = load_value_prefix(i)  # [1, D]
       extra_new["n_read"] = extra["n_read"] + jnp.sum(ntok)
       tail_log_rem = {}
       if tail != "last_chunk":
         tail_log_rem = dict(log_rem_begin=load_log_remaining(jnp.minimum(start, num_order_slots - 1)),
                             log_rem_end=load_log_remaining(jnp.minimum(visited, num_order_slots - 1)))
       unread = stopping.unread_mass(tail, chunk_mass, blocks_in_chunk, blocks_left, tau=tau, **tail_log_rem)  # [Gp]
-    if compensate:
-      extra_new["out"] = _normalize(o_new, l_new, dict(extra_new, tail=unread), v_total, n_total, compensate)
+    if compensate:  # the output if the loop stops here (see the module docstring)
+      out = _normalize(o_new, l_new, dict(extra_new, v_read=v_read, tail=unread), v_total, n_total, compensate)
     if estimator is not None:
       if estimator == "score_mass":
         log_rem = load_log_remaining(jnp.minimum(visited, num_order_slots - 1))
@@ -204,7 +212,7 @@ def progressive_loop(
         rule_inputs = dict(log_rem=log_rem, log_rem_first=load_log_remaining(0))
       elif estimator == "value":
         o_now = o_new / jnp.where(l_new > 0, l_new, 1.0)[:, None]
-        v_tail = stopping.tail_value(v_total, n_total, extra_new["v_read"], extra_new["n_read"])
+        v_tail = stopping.tail_value(v_total, n_total, v_read, extra_new["n_read"])
         rule_inputs = dict(change=stopping.relative_change(l_new, unread, o_now, v_tail))
       else:
         rule_inputs = {}
@@ -216,11 +224,13 @@ def progressive_loop(
         extra_new["streak"] = jnp.where(ok, extra["streak"] + 1, 0)
         ok = extra_new["streak"] >= patience
       done = done | ok
+    if compensate:
+      extra_new["out"] = jnp.where(done, out, extra["out"])
     return i + 1, o_new, m_new, l_new, visited, done, extra_new
 
   extra = {}
   if values:
-    extra.update(v_read=jnp.zeros((1, d), jnp.float32), n_read=jnp.float32(0))
+    extra["n_read"] = jnp.float32(0)
   if compensate:
     extra["out"] = jnp.zeros((gp, d), jnp.float32)  # what an empty sequence returns
   if streaks:
@@ -240,7 +250,7 @@ def progressive_loop(
   return _normalize(o, l, extra, None, None, compensate), visited
 
 
-def _kernel(q_ref, k_ref, v_ref, table_ref, order_ref, log_rem_ref, vmean_ref, v_total_ref, info_ref, tau_ref,
+def _kernel(q_ref, k_ref, v_ref, table_ref, order_ref, log_rem_ref, v_prefix_ref, v_total_ref, info_ref, tau_ref,
             o_ref, used_ref, **loop_kwargs):
   c = loop_kwargs["chunk_blocks"]
   if order_ref is None:  # dense: natural order, no gather of the order
@@ -261,7 +271,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, order_ref, log_rem_ref, vmean_ref, v
       load_pages=lambda logical: table_ref[logical],
       load_kv=lambda pages: (k_ref[pages], v_ref[pages]),
       load_log_remaining=load_log_remaining,
-      load_vmean_row=None if vmean_ref is None else (lambda page: vmean_ref[pl.ds(page, 1), :]),
+      load_value_prefix=None if v_prefix_ref is None else (lambda i: v_prefix_ref[pl.ds(i, 1), :]),
       v_total=None if v_total_ref is None else v_total_ref[...],
       **loop_kwargs,
   )
@@ -295,13 +305,13 @@ def progressive_attention_pallas(
   b, h, gp, d = q.shape
   _, p, s, _ = k_pages.shape
   m = block_table.shape[1]
-  v_total = None
+  v_total = v_prefix = None
   if stopping.needs_values(estimator, compensate):
     if vmean is None:
       raise ValueError(f"estimator {estimator!r} with compensate={compensate} needs the value summaries (vmean)")
-    v_total = value_totals(vmean, block_table, info[:, LENGTH], heads=range(h), block_size=s)
-  else:
-    vmean = None
+    v_total = value_totals(vmean, block_table, info[:, LENGTH], heads=range(h), block_size=s)[:, :, None, :]
+    v_prefix = value_prefix(vmean, block_table, order, info[:, LENGTH], info[:, LIMIT], block_size=s,
+                            chunk_blocks=chunk_blocks)
   kernel = functools.partial(
       _kernel, group=group, block_size=s, chunk_blocks=chunk_blocks, num_order_slots=m,
       sm_scale=sm_scale, estimator=estimator, patience=patience, compensate=compensate, tail=tail)
@@ -313,7 +323,7 @@ def progressive_attention_pallas(
       pl.BlockSpec((None, m), lambda i, j: (i, 0)),
       None if order is None else pl.BlockSpec((None, None, m), lambda i, j: (i, j, 0)),
       None if log_remaining is None else pl.BlockSpec((None, None, gp, m), lambda i, j: (i, j, 0, 0)),
-      None if vmean is None else pl.BlockSpec((None, p, d), lambda i, j: (j, 0, 0)),
+      None if v_prefix is None else pl.BlockSpec((None, None, m // chunk_blocks, d), lambda i, j: (i, j, 0, 0)),
       None if v_total is None else pl.BlockSpec((None, None, 1, d), lambda i, j: (i, j, 0, 0)),
       pl.BlockSpec((None, INFO_WIDTH), lambda i, j: (i, 0)),
       pl.BlockSpec((None, 1), lambda i, j: (i, 0)),
@@ -333,8 +343,7 @@ def progressive_attention_pallas(
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"progressive_attention_{estimator or 'fixed'}",
-  )(q, k_pages, v_pages, block_table, order, log_remaining, vmean,
-    None if v_total is None else v_total[:, :, None, :], info, tau[:, None])
+  )(q, k_pages, v_pages, block_table, order, log_remaining, v_prefix, v_total, info, tau[:, None])
   return out, used[..., 0]
 
 

@@ -1,13 +1,19 @@
 """Compiling ahead of requests: JAX's persistent compilation cache, a count of the compilations a process
-really ran, and the engine's warm-up.
+really ran, the GPU kernel check and the engine's warm-up.
 
 XLA compiles each new shape of the engine's device calls once per process; on a CPU that is seconds per shape.
 The persistent cache stores the compiled code on disk, so a restarted server loads it instead of compiling,
 and the warm-up compiles (or loads) the common shapes before the server reports ready.
+
+On a GPU the decode attention runs Pallas kernels through the Triton compiler, which can crash the process
+rather than raise. `check_kernels` compiles each attention's kernels in a worker process first
+(psa_jax/pallas_kernels/gpu_compile.py) and moves any attention whose kernel does not compile to the XLA path,
+so a server starts slower on that attention instead of dying on its first request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import sys
@@ -73,6 +79,82 @@ def compile_counter() -> _CompileCounter:
     if _counter is None:
       _counter = _CompileCounter()
     return _counter
+
+
+KERNEL_CHECKS = ("auto", "always", "never")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCheck:
+  """when: "auto" (when the engine runs Pallas kernels compiled, i.e. on a GPU), "always" (also when they are
+  interpreted: checks the GPU build of the same kernels from a CPU) or "never". compiler_dir: the Triton
+  compiler's wheels for a machine whose jax has none (gpu_compile.CheckConfig; None: the running jax's own)."""
+
+  when: str = "auto"
+  compiler_dir: str | None = None
+
+  def __post_init__(self):
+    if self.when not in KERNEL_CHECKS:
+      raise ValueError(f"kernel check must be one of {KERNEL_CHECKS}, got {self.when!r}")
+
+
+def _device_arch() -> str:
+  """The GPU's architecture as gpu_compile names it (sm_90 where there is no GPU)."""
+  from psa_jax.pallas_kernels import gpu_compile
+
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+  return gpu_compile.arch_for(capability or "9.0").name
+
+
+def fall_back(engine, failed: dict[str, str]) -> dict[str, str]:
+  """Moves the attentions of `failed` (kind -> why its kernel did not compile) to the XLA path, and any attention
+  whose dense layers need a dense kernel that failed. Returns kind -> reason of the attentions moved."""
+  moved = {}
+  backends = engine.runner.backends
+  for kind, backend in backends.items():
+    reason = failed.get(kind) or (failed.get("dense") and backend.dense_layers > 0 and
+                                  f"its dense layers' kernel: {failed['dense']}")
+    if reason and backend.impl != "xla":
+      backends[kind] = dataclasses.replace(backend, impl="xla")
+      moved[kind] = reason
+  return moved
+
+
+def check_kernels(engine, check: KernelCheck = KernelCheck(), *, log=None) -> dict[str, str]:
+  """Compiles the Pallas kernels of every attention the engine serves for this machine's GPU, at the model's
+  head shapes, block size and KV dtype, each in a worker process; an attention whose kernel fails moves to the
+  XLA path (`fall_back`). `log` (default: stderr) gets a line per attention moved. Call it before the warm-up
+  and before `start`. Returns kind -> reason of the attentions moved ({} when nothing was checked)."""
+  from psa_jax.attention import resolve_impl
+  from psa_jax.pallas_kernels import gpu_compile
+  from psa_jax.pallas_kernels.storage import is_packed
+
+  log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+  if check.when == "never" or (check.when == "auto" and jax.default_backend() != "gpu"):
+    return {}
+  backends = {k: b for k, b in engine.runner.backends.items() if resolve_impl(b.impl) == "pallas"}
+  if not backends:
+    return {}
+  c = engine.model.config
+  arena = engine.arena
+  dtype = "packed" if is_packed(arena.dtype) else jax.numpy.dtype(arena.dtype).name
+  shape = gpu_compile.KernelShape("model", q_heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                                  block_size=arena.block_size, batch=engine.config.scheduler.max_batch)
+  cases = [gpu_compile.Case(kind, b.config, dtype, shape) for kind, b in backends.items()]
+  if any(b.dense_layers for b in backends.values()) and "dense" not in backends:
+    cases.append(gpu_compile.Case("dense", gpu_compile.DenseConfig(), dtype, shape))
+  arch = _device_arch()
+  began = time.perf_counter()
+  rows = gpu_compile.check(cases, gpu_compile.CheckConfig(archs=(arch,), compiler_dir=check.compiler_dir))
+  failed = {case.kind: status for case, status in zip(cases, gpu_compile.case_status(cases, rows)) if status}
+  moved = fall_back(engine, failed)
+  for kind, reason in moved.items():
+    log(f"psa_jax: the {kind} attention's Pallas kernel did not compile for {arch} ({reason}); "
+        f"{kind} attention runs on the XLA path")
+  log(f"psa_jax: GPU kernel check for {arch}: {len(rows) - len(gpu_compile.failures(rows))}/{len(rows)} kernels "
+      f"compiled in {time.perf_counter() - began:.1f} s")
+  return moved
 
 
 def warmup(engine, *, context: int | None = None, kinds: tuple[str, ...] | None = None, progress: bool = True) -> dict:
