@@ -58,10 +58,13 @@ def test_a_worker_that_dies_mid_run_is_a_failed_row_and_the_run_goes_on():
   rows = gpu_compile.check(cases, gpu_compile.CheckConfig(archs=("sm_90",), compiler_dir=compiler_dir()),
                            progress=kill_the_worker_once)
   assert killed
+  # The worker died compiling a kernel (that kernel's row) or lowering a case (lowered again by the next worker):
+  # either way every kernel has its row and no other is lost.
+  assert [(r["kind"], r["kernel"]) for r in rows] == [
+      ("dense", "progressive_attention_fixed"), ("topk", "block_scores_minmax"),
+      ("topk", "progressive_attention_fixed"), ("psa", "block_scores_hybrid"), ("psa", "progressive_attention_value")]
   statuses = [r["status"] for r in rows]
-  assert statuses.count("crashed (signal 9)") == 1
-  assert len(rows) == 5 and statuses.count("ok") == 4  # every other kernel still compiled
-  assert gpu_compile.case_status(cases, rows).count(None) == 2
+  assert statuses.count("ok") >= 4 and set(statuses) <= {"ok", "crashed (signal 9)"}
 
 
 def test_without_the_triton_compiler_every_kernel_fails_with_what_to_install(tmp_path):

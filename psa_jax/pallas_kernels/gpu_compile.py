@@ -285,9 +285,10 @@ def _custom_call_modules(module) -> list[TritonModule]:
 
 
 def ptxas_path(compiler_dir: str | None) -> str | None:
-  """ptxas from the compiler folder's nvidia-cuda-nvcc-cu12 wheel (the pinned one), else from PATH."""
-  if compiler_dir:
-    candidate = pathlib.Path(compiler_dir) / "nvidia" / "cuda_nvcc" / "bin" / "ptxas"
+  """ptxas of an nvidia-cuda-nvcc-cu12 wheel: the compiler folder's (the pinned one), else one on sys.path (a GPU
+  machine's jax[cuda] brings it), else ptxas on PATH."""
+  for root in ([compiler_dir] if compiler_dir else []) + sys.path:
+    candidate = pathlib.Path(root or ".") / "nvidia" / "cuda_nvcc" / "bin" / "ptxas"
     if candidate.is_file():
       return str(candidate)
   return shutil.which("ptxas")
@@ -440,6 +441,7 @@ def check(cases: Sequence[Case], config: CheckConfig = CheckConfig(),
                compiler_dir=config.compiler_dir,
                start=[0, 0, 0])
     names: dict[int, list[str]] = {}  # case -> its kernels' names
+    lowering_crashes: set[int] = set()
     while job["start"][0] < len(cases):
       pathlib.Path(job_path).write_text(json.dumps(job))
       proc = subprocess.Popen([sys.executable, "-m", "psa_jax.pallas_kernels.gpu_compile", job_path],
@@ -474,7 +476,10 @@ def check(cases: Sequence[Case], config: CheckConfig = CheckConfig(),
       detail = _diagnostics(job_path + ".stderr")
       status = failure + (f" ({detail})" if detail else "")
       ci, mi, ai = current
-      if mi < 0:  # in the lowering: the case is done
+      if mi < 0 and ci not in lowering_crashes:  # in the lowering, which never crashed yet: lower it again
+        lowering_crashes.add(ci)
+        job["start"] = [ci, 0, 0]
+      elif mi < 0:  # the lowering crashed twice: the case is done
         add(dict(case=ci, module=-1, kernel="(lowering)", arch=None, status=status))
         job["start"] = [ci + 1, 0, 0]
       else:  # in one compile: the next worker goes on with the next (module, arch), the case lowered again
