@@ -106,7 +106,9 @@ def value_prefix(vmean: jax.Array, block_table: jax.Array, order: jax.Array, len
 
   vmean: [H, P, D]; block_table: [B, M]; order: [B, H, M] (the visit order); lengths, limit: [B]. Row i holds the
   blocks at positions below min((i + 1) * C, limit) of `order`, the blocks the loop has visited after chunk i.
-  One gather of every block's row, in visit order, then a sum per chunk and a prefix sum over chunks.
+  One gather of every block's row, in visit order, then a sum per chunk and a prefix sum over chunks. It reads
+  every block's vmean row, as `value_totals` does, and writes M / C rows of D float32 per (sequence, KV head):
+  1/(S * C) of the bytes of the sequence's bfloat16 K and V (1/64 at 16-token blocks and 4-block chunks).
   """
   b, h, m = order.shape
   n_pages = vmean.shape[1]
