@@ -355,7 +355,8 @@ def _diagnostics(path: str) -> str:
 
 def _worker(job_path: str) -> None:
   """Runs the jobs of `job_path` from its "start" entry on, one JSON line per event on stdout:
-  {"lowered": case, "modules": n} / {"begin": [case, module, arch]} / {"row": {...}}."""
+  {"begin": [case, module, arch index]} (module -1: the lowering) / {"lowered": case, "modules": names} /
+  {"row": {...}}."""
   job = json.loads(pathlib.Path(job_path).read_text())
   import jax
 
@@ -458,7 +459,10 @@ def check(cases: Sequence[Case], config: CheckConfig = CheckConfig(),
         line = proc.stdout.readline()
         if not line:
           break
-        event = json.loads(line)
+        try:
+          event = json.loads(line)
+        except json.JSONDecodeError:  # something a library printed
+          continue
         if "begin" in event:
           current = event["begin"]
           deadline = time.monotonic() + config.timeout_s

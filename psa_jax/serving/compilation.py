@@ -146,8 +146,12 @@ def check_kernels(engine, check: KernelCheck = KernelCheck(), *, log=None) -> di
     cases.append(gpu_compile.Case("dense", gpu_compile.DenseConfig(), dtype, shape))
   arch = _device_arch()
   began = time.perf_counter()
-  rows = gpu_compile.check(cases, gpu_compile.CheckConfig(archs=(arch,), compiler_dir=check.compiler_dir))
-  failed = {case.kind: status for case, status in zip(cases, gpu_compile.case_status(cases, rows)) if status}
+  try:
+    rows = gpu_compile.check(cases, gpu_compile.CheckConfig(archs=(arch,), compiler_dir=check.compiler_dir))
+  except RuntimeError as e:  # the worker could not start: nothing is known to compile
+    rows, failed = [], {case.kind: str(e) for case in cases}
+  else:
+    failed = {case.kind: status for case, status in zip(cases, gpu_compile.case_status(cases, rows)) if status}
   moved = fall_back(engine, failed)
   for kind, reason in moved.items():
     log(f"psa_jax: the {kind} attention's Pallas kernel did not compile for {arch} ({reason}); "
