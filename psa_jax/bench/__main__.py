@@ -6,6 +6,8 @@
   --study=fidelity  output error against KV blocks read on the default model's real q/k/v (study 2)
   --study=tasks     retrieval accuracy and perplexity against KV blocks read (study 3)
   --study=quality   KL to dense, top-1 agreement and needle retrieval against KV blocks read: PSA against top-k
+  --study=retrieval whole-answer needle retrieval on chat prompts (RULER's kinds, 0-100% depths), each method
+                    paired item by item against dense (Wilson intervals, McNemar)
   --study=sharding  decode tokens/s against device count on meshes (--host_devices forces CPU devices)
   --study=serving   a real server under load over HTTP, like `vllm bench serve`: TTFT, TPOT, ITL, E2E latency and
                     throughput at fixed concurrencies and Poisson request rates, per attention and scheduler
@@ -20,11 +22,11 @@ import pathlib
 from absl import app, flags, logging
 
 from psa_jax import common_flags as shared
-from psa_jax.bench import e2e, fidelity, kernel, peers, quality, serving, sharding, startup, tasks
+from psa_jax.bench import e2e, fidelity, kernel, peers, quality, retrieval, serving, sharding, startup, tasks
 
 _STUDY = flags.DEFINE_enum("study", "e2e",
-                           ["e2e", "peers", "kernel", "fidelity", "tasks", "quality", "sharding", "serving",
-                            "startup"],
+                           ["e2e", "peers", "kernel", "fidelity", "tasks", "quality", "retrieval", "sharding",
+                            "serving", "startup"],
                            "Which study to run.")
 _OUT = flags.DEFINE_string("out_dir", "bench_results", "Where JSON results and PNG plots go.")
 _CONTEXTS = flags.DEFINE_list("contexts", None, "Context lengths (tokens).")
@@ -36,11 +38,16 @@ _DECODE_STEPS = flags.DEFINE_integer(
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per point (kernel).")
 _SAMPLES = flags.DEFINE_integer("samples", 2, "Prompts per task and context (tasks).")
 _PPL_CONTEXT = flags.DEFINE_integer("ppl_context", 4096, "Tokens of prose for the perplexity run (tasks).")
-_DOCUMENTS = flags.DEFINE_list("documents", [], "Text files to score (quality; default: Python stdlib texts).")
+_DOCUMENTS = flags.DEFINE_list("documents", [], "Text files to score (quality) or to hide needles in (retrieval); "
+                               "default: Python stdlib texts.")
 _POSITIONS = flags.DEFINE_integer("positions", 256, "Scored positions per document and context (quality).")
 _FULL = flags.DEFINE_bool("full", False, "Finer budget grid (quality; takes longer).")
-_QUALITY_TAUS = flags.DEFINE_list("quality_taus", None, "PSA thresholds of the PSA curves (quality; default grid).")
-_QUALITY_KS = flags.DEFINE_list("quality_ks", None, "Top-k budgets of the top-k curves (quality; default grid).")
+_QUALITY_TAUS = flags.DEFINE_list("quality_taus", None, "PSA thresholds of the PSA curves (quality; default grid) "
+                                  "or of the PSA methods (retrieval; default: the default tau and 0.95).")
+_QUALITY_KS = flags.DEFINE_list("quality_ks", None, "Top-k budgets of the top-k curves (quality; default grid) "
+                                "or methods (retrieval; default: 32, 64).")
+_RETRIEVAL_KINDS = flags.DEFINE_list("retrieval_kinds", list(retrieval.KINDS), "Needle kinds (retrieval).")
+_ITEMS = flags.DEFINE_integer("items", retrieval.RetrievalConfig.items, "Items per context and kind (retrieval).")
 _CURVES = flags.DEFINE_list("curves", list(quality.DEFAULT_FAMILIES),
                             f"Which method curves to score (quality), of {', '.join(quality.FAMILIES)}.")
 _QUESTIONS = flags.DEFINE_integer("needle_questions", 24, "Questions per needle task and context (quality).")
@@ -105,6 +112,15 @@ def main(argv):
             ks=tuple(int(k) for k in _QUALITY_KS.value) if _QUALITY_KS.value else None, families=tuple(_CURVES.value)),
         needle_tasks=tuple(_NEEDLE_TASKS.value), needle_questions=_QUESTIONS.value)
     quality.run(config, out)
+  elif _STUDY.value == "retrieval":
+    methods = retrieval.default_methods(
+        **({"taus": tuple(float(t) for t in _QUALITY_TAUS.value)} if _QUALITY_TAUS.value else {}),
+        **({"ks": tuple(int(k) for k in _QUALITY_KS.value)} if _QUALITY_KS.value else {}))
+    config = retrieval.RetrievalConfig(
+        model=shared.MODEL.value, contexts=contexts or retrieval.RetrievalConfig.contexts,
+        kinds=tuple(_RETRIEVAL_KINDS.value), items=_ITEMS.value, methods=methods, documents=tuple(_DOCUMENTS.value),
+        kv_dtype=shared.KV_DTYPE.value)
+    retrieval.run(config, out)
   elif _STUDY.value == "sharding":
     config = sharding.ShardingConfig(
         model=shared.MODEL.value, meshes=tuple(_MESHES.value), context=int(contexts[0]) if contexts else 1024,

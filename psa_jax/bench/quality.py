@@ -196,9 +196,10 @@ class SharedContextAttention:
 # ------------------------------------------------------------------------------------------------ documents
 
 
-def load_documents(paths: tuple[str, ...], tokenizer, n_tokens: int) -> list[tuple[str, list[int]]]:
+def load_documents(paths: tuple[str, ...], tokenizer, n_tokens: int, *, add_bos: bool | None = None
+                   ) -> list[tuple[str, list[int]]]:
   """(label, first n_tokens token ids) per document; a document shorter than n_tokens is an error, never
-  repeated to fill the context."""
+  repeated to fill the context. add_bos: as Tokenizer.encode's (None: the tokenizer's own setting)."""
   docs = []
   if paths:
     sources = [(pathlib.Path(p).name, pathlib.Path(p).read_text(errors="replace")) for p in paths]
@@ -218,7 +219,7 @@ def load_documents(paths: tuple[str, ...], tokenizer, n_tokens: int) -> list[tup
         label = f"{kind}:{name}"
       sources.append((label, text))
   for label, text in sources:
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text, add_bos=add_bos)
     if len(ids) < n_tokens:
       raise ValueError(f"document {label} has {len(ids)} tokens, fewer than the {n_tokens} the study needs")
     docs.append((label, ids[:n_tokens]))

@@ -147,7 +147,7 @@ def make_samples(tokenizer, config: TasksConfig) -> list[Sample]:
 # ------------------------------------------------------------------------------------------- device functions
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "width", "block_size", "kv_storage"))
-def _prefill(graphdef, state, tokens, n, *, width, block_size, kv_storage):
+def prefill(graphdef, state, tokens, n, *, width, block_size, kv_storage):
   """tokens [T] (padded), n valid. Returns (KV pool holding the prompt, greedy next token, its log-probs [V])."""
   model = nnx.merge(graphdef, state)
   c = model.config
@@ -159,7 +159,7 @@ def _prefill(graphdef, state, tokens, n, *, width, block_size, kv_storage):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention", "steps"))
-def _continue(graphdef, state, kv, tables, first, start, forced, tau, *, attention, steps):
+def decode_greedy(graphdef, state, kv, tables, first, start, forced, tau, *, attention, steps):
   """Decodes `steps` tokens after a prompt of `start` tokens, feeding `first` at position `start`.
 
   forced [steps]: the token to feed after step i (teacher forcing), or -1 to feed the greedy choice.
@@ -185,7 +185,7 @@ def _continue(graphdef, state, kv, tables, first, start, forced, tau, *, attenti
   return out
 
 
-def _width(tokens: int, block_size: int) -> int:
+def table_width(tokens: int, block_size: int) -> int:
   return -(-tokens // block_size)
 
 
@@ -202,14 +202,14 @@ def run(config: TasksConfig, out_dir) -> list[dict]:
   samples = make_samples(lm.tokenizer, config)
   for i, sample in enumerate(samples):
     common.progress(f"[{i + 1}/{len(samples)}] {sample.task}, {sample.context} tokens")
-    padded = _bucket(len(sample.ids))
-    width = _width(padded + config.answer_tokens + 1, config.block_size)
+    padded = bucket(len(sample.ids))
+    width = table_width(padded + config.answer_tokens + 1, config.block_size)
     tokens = jnp.asarray(sample.ids + [0] * (padded - len(sample.ids)), jnp.int32)
-    kv, tables, first, _ = _prefill(graphdef, state, tokens, jnp.int32(len(sample.ids)), width=width,
+    kv, tables, first, _ = prefill(graphdef, state, tokens, jnp.int32(len(sample.ids)), width=width,
                                     block_size=config.block_size, kv_storage=kv_storage)
     forced = jnp.full((config.answer_tokens,), -1, jnp.int32)
     for m in methods_:
-      greedy, _, used, dense = jax.device_get(_continue(
+      greedy, _, used, dense = jax.device_get(decode_greedy(
           graphdef, state, kv, tables, first, jnp.int32(len(sample.ids)), forced, jnp.float32(m.tau),
           attention=m.backend, steps=config.answer_tokens))
       text = lm.tokenizer.decode([int(first)] + [int(t) for t in greedy])
@@ -253,9 +253,9 @@ def perplexity(lm, graphdef, state, methods_, config: TasksConfig, kv_storage) -
   ids = lm.tokenizer.encode(common.prose(8 * config.ppl_context))[: config.ppl_context]
   n = len(ids) - config.ppl_tokens
   common.progress(f"perplexity: prefill {n} tokens, then {config.ppl_tokens} teacher-forced")
-  padded = _bucket(n)
-  width = _width(padded + config.ppl_tokens + 1, config.block_size)
-  kv, tables, _, _ = _prefill(graphdef, state, jnp.asarray(ids[:n] + [0] * (padded - n), jnp.int32),
+  padded = bucket(n)
+  width = table_width(padded + config.ppl_tokens + 1, config.block_size)
+  kv, tables, _, _ = prefill(graphdef, state, jnp.asarray(ids[:n] + [0] * (padded - n), jnp.int32),
                               jnp.int32(n), width=width, block_size=config.block_size, kv_storage=kv_storage)
   # Feed ids[n] at position n; step i predicts ids[n + 1 + i]. The first of those is the first read through
   # the method's attention (ids[n] itself was predicted by the dense prefill), so it is scored from there on.
@@ -263,7 +263,7 @@ def perplexity(lm, graphdef, state, methods_, config: TasksConfig, kv_storage) -
   forced = jnp.asarray(ids[n + 1 : n + 1 + steps], jnp.int32)
   out = {}
   for m in methods_:
-    _, logp, used, dense = jax.device_get(_continue(
+    _, logp, used, dense = jax.device_get(decode_greedy(
         graphdef, state, kv, tables, jnp.int32(ids[n]), jnp.int32(n), forced, jnp.float32(m.tau),
         attention=m.backend, steps=steps))
     out[m.name] = {"perplexity": float(np.exp(-logp.mean())), "kv_share_read": float(used.sum() / dense.sum())}
@@ -271,6 +271,6 @@ def perplexity(lm, graphdef, state, methods_, config: TasksConfig, kv_storage) -
   return out
 
 
-def _bucket(n: int) -> int:
+def bucket(n: int) -> int:
   """Prompt lengths padded to multiples of 512 tokens, so contexts share compiled prefills."""
   return -(-n // 512) * 512
