@@ -3,6 +3,7 @@ against dense item by item."""
 
 import json
 
+import numpy as np
 import pytest
 
 from psa_jax.bench import quality, retrieval
@@ -81,3 +82,57 @@ def test_the_study_runs_on_a_real_checkpoint_and_writes_every_answer(tmp_path):
   items = json.loads((tmp_path / "out" / "retrieval_items.json").read_text())
   assert len(items) == 2 * 2 * 3 and all(set(i["answers"]) and "text" in i for i in items)
   assert (tmp_path / "out" / "retrieval.json").exists() and (tmp_path / "out" / "retrieval_400.png").stat().st_size
+
+
+def test_a_lost_needle_is_lost_to_the_order_when_the_exact_order_would_have_read_it():
+  from psa_jax.bench import needle_trace
+  # Three heavy cells (dense mass >= 0.1): read; lost though the exact order had it within budget; lost to the stop.
+  arrays = dict(dense_share=np.array([[[0.5, 0.2, 0.3, 0.01]]]), rank=np.array([[[1, 9, 9, 9]]]),
+                exact_rank=np.array([[[1, 2, 7, 0]]]), used=np.array([[[4, 4, 4, 4]]]))
+  arrays["read"] = arrays["rank"] < arrays["used"]
+  got = needle_trace.attribute(arrays)
+  assert (got["heavy"], got["read"], got["lost_to_order"], got["lost_to_stop"]) == (3, 1, 1, 1)
+  assert got["lost_rank"] == 9 and got["lost_exact_rank"] == 4.5 and got["heavy_heads"] == 3
+
+
+@pytest.mark.slow
+def test_the_trace_reads_the_needle_everywhere_at_tau_one_and_nowhere_on_a_sink_and_local_budget(tmp_path):
+  from psa_jax.bench import needle_trace
+  from psa_jax.config import PSAConfig
+  from psa_jax.models import checkpoint
+
+  tiny_models.save_tiny_hf(tmp_path, "llama", seed=4)
+  lm = checkpoint.load(str(tmp_path))
+  prompt = list(range(100, 400))
+  answer = [7, 8, 9, 10]
+  needle = (100, 110)  # blocks 6 of 16-token blocks
+  full = needle_trace.trace(lm, prompt, answer, needle, PSAConfig(tau=1.0), tau=1.0)
+  c = lm.model.config
+  assert full["rank"].shape == (3, c.num_layers, c.num_kv_heads)
+  assert full["read"].all() and (full["used"] == (-(-np.array([301, 302, 303]) // 16))[:, None, None]).all()
+  assert ((0 <= full["dense_share"]) & (full["dense_share"] <= 1)).all()
+  forced_only = needle_trace.trace(lm, prompt, answer, needle, PSAConfig(tau=0.9, max_blocks=2), tau=0.9)
+  assert not forced_only["read"].any() and (forced_only["used"] == 2).all() and (forced_only["rank"] >= 2).all()
+  np.testing.assert_allclose(forced_only["dense_share"], full["dense_share"], rtol=1e-6)  # dense's, whatever PSA does
+
+
+@pytest.mark.slow
+def test_only_the_items_dense_answers_and_psa_misses_are_diagnosed(tmp_path):
+  from psa_jax.models import checkpoint
+
+  tiny_models.save_tiny_hf(tmp_path / "model", "llama", seed=3)
+  lm = checkpoint.load(str(tmp_path / "model"))
+  config = retrieval.RetrievalConfig(contexts=(300,), kinds=("single",), items=2,
+                                     methods=retrieval.default_methods(taus=(0.9,), ks=()))
+  docs = quality.load_documents((), lm.tokenizer, 300 + 256, add_bos=False)
+  items = retrieval.make_items(lm.tokenizer, docs, 300, "single", 2, seed=0)
+  right = {(0, "dense"): True, (0, "psa@0.9"): False, (1, "dense"): True, (1, "psa@0.9"): True}
+  records = [dict(context=300, kind="single", index=i, method=m, right=r, text=f"{m} {i}", answer_ids=[5, 6, 7])
+             for (i, m), r in right.items()]
+  out = retrieval._diagnose(lm, items, records, config, tmp_path)
+  assert [(d["index"], d["method"], d["psa_text"], d["dense_text"]) for d in out] == [(0, "psa@0.9", "psa@0.9 0",
+                                                                                       "dense 0")]
+  d = out[0]
+  assert d["heavy"] == d["read"] + d["lost_to_order"] + d["lost_to_stop"]
+  assert np.asarray(d["rank"]).shape == (2, lm.model.config.num_layers, lm.model.config.num_kv_heads)
+  assert (tmp_path / "retrieval_diagnosis.json").exists() and (tmp_path / "retrieval_diagnosis.png").stat().st_size

@@ -17,7 +17,11 @@ first answer token comes from the dense prefill and every later one from the met
 prefilled once and every method decodes from that cache. Statistics per (context, kind, method): right answers
 of n with a Wilson 95% interval; against dense item by item, the items only dense answers (b) and only the method
 answers (c), with McNemar's exact two-sided p-value (a binomial test of b against b + c); and the share of KV
-blocks the method's decode steps read. Every item's answers are written out beside the table, for a diagnosis.
+blocks the method's decode steps read. Every item's answers are written out beside the table.
+
+Diagnosis: each item that the first PSA method answers wrong and dense right (up to `diagnose` of them) is traced
+(needle_trace.py): in which layers and heads dense reads the needle, whether PSA read it there, and if not whether
+its order or its stop lost it. A table per item, and a heat map of the lost share per layer and KV head.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class RetrievalConfig:
   block_size: int = 16
   kv_dtype: str = "bfloat16"
   seed: int = 0
+  diagnose: int = 8  # items PSA misses and dense answers, traced (each costs a prefill with q/k/v captured)
 
   def __post_init__(self):
     unknown = set(self.kinds) - set(KINDS)
@@ -279,12 +284,70 @@ def run(config: RetrievalConfig, out_dir) -> list[dict]:
       records.append(dict(context=item.context, kind=item.kind, index=item.index, depth=item.depth,
                           placed=item.placed, document=item.document, needle_tokens=list(item.needle_tokens), method=m.name,
                           answers=list(item.answers), text=text, right=is_right(text, item.answers),
+                          answer_ids=answer[:cut],
                           # the decode steps whose tokens were kept: step j read answer[j] and chose answer[j + 1]
                           blocks=float(used[:max(cut - 1, 0)].sum()),
                           dense_blocks=float(dense[:max(cut - 1, 0)].sum())))
   rows = summarize(records, config.methods)
   _report(rows, records, config, out_dir)
+  _diagnose(lm, items, records, config, out_dir)
   return rows
+
+
+def _diagnose(lm, items: list[Item], records: list[dict], config: RetrievalConfig, out_dir) -> list[dict]:
+  """Traces the items the first PSA method misses and dense answers (needle_trace.py)."""
+  from psa_jax.bench import needle_trace
+
+  psa = next((m for m in config.methods if m.backend.kind == "psa"), None)
+  if psa is None or not config.diagnose:
+    return []
+  by_key = {(r["context"], r["kind"], r["index"], r["method"]): r for r in records}
+  missed = [it for it in items
+            if by_key[(it.context, it.kind, it.index, "dense")]["right"]
+            and not by_key[(it.context, it.kind, it.index, psa.name)]["right"]][:config.diagnose]
+  out, lost = [], None
+  for n, item in enumerate(missed):
+    common.progress(f"diagnosing {n + 1}/{len(missed)}: {item.kind} at {item.context} tokens, depth {item.depth:.2f}")
+    answer = by_key[(item.context, item.kind, item.index, "dense")]["answer_ids"]
+    if len(answer) < 2:
+      continue
+    arrays = needle_trace.trace(lm, item.ids, answer, item.needle_tokens, psa.backend.config, psa.tau,
+                                config.block_size)
+    hot = arrays["dense_share"] >= needle_trace.HEAVY
+    item_lost = (hot & ~arrays["read"]).sum(axis=0) / np.maximum(hot.sum(axis=0), 1)  # [layers, kv_heads]
+    lost = item_lost if lost is None else lost + item_lost
+    out.append(dict(context=item.context, kind=item.kind, index=item.index, depth=item.depth,
+                    method=psa.name, psa_text=by_key[(item.context, item.kind, item.index, psa.name)]["text"],
+                    dense_text=by_key[(item.context, item.kind, item.index, "dense")]["text"],
+                    **needle_trace.attribute(arrays),
+                    dense_share=arrays["dense_share"].tolist(), rank=arrays["rank"].tolist(),
+                    exact_rank=arrays["exact_rank"].tolist(), used=arrays["used"].tolist()))
+  if not out:
+    return out
+  columns = ["context", "kind", "depth", "heavy", "read", "lost_to_order", "lost_to_stop", "lost_rank",
+             "lost_exact_rank", "lost_used", "heavy_heads"]
+  print(f"\n{psa.name} against dense where only dense answers: (step, layer, head) cells with dense mass >= "
+        f"{needle_trace.HEAVY:g} on the needle")
+  print(common.table(out, columns))
+  (out_dir / "retrieval_diagnosis.json").write_text(json.dumps(out))
+  _lost_heatmap(out_dir / "retrieval_diagnosis.png", lost / len(out), psa.name)
+  return out
+
+
+def _lost_heatmap(path, lost, method: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(4 + 0.3 * lost.shape[1], 0.25 * lost.shape[0] + 1.5))
+  im = ax.imshow(lost, aspect="auto", cmap="magma", vmin=0, vmax=1)
+  ax.set_xlabel("KV head")
+  ax.set_ylabel("layer")
+  ax.set_title(f"{method}: share of needle-heavy steps whose needle\nit did not read (items only dense answered)",
+               fontsize=9)
+  fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def _report(rows, records, config: RetrievalConfig, out_dir) -> None:
