@@ -47,6 +47,8 @@ from psa_jax.pallas_kernels.storage import storage_dtype
 
 KINDS = ("single", "multikey", "multivalue", "variables")
 _SPARE_TOKENS = 256  # read past a context's length, to start its haystack at a sentence end
+# Room for the whole answer with the words a small chat model puts around it (its digits are one token each).
+ANSWER_TOKENS = {"single": 24, "multikey": 24, "multivalue": 64, "variables": 48}
 _FIRST = ("Alice", "Bruno", "Chen", "Dmitri", "Elena", "Farah", "Gustav", "Hana", "Ivan", "Jonas", "Keiko", "Liam",
           "Mara", "Nikolai", "Olga", "Pedro", "Quinn", "Rosa", "Sven", "Tariq", "Ursula", "Viktor", "Wen", "Yara")
 _LAST = ("Abbott", "Brandt", "Castillo", "Dubois", "Eriksen", "Fischer", "Garcia", "Haddad", "Ito", "Jensen",
@@ -77,7 +79,7 @@ class RetrievalConfig:
   items: int = 48  # per (context, kind)
   methods: tuple[Method, ...] = default_methods()
   documents: tuple[str, ...] = ()  # text files; default: the quality study's standard-library texts
-  answer_tokens: int = 32
+  answer_tokens: int | None = None  # greedy tokens per answer; None: ANSWER_TOKENS of the kind
   block_size: int = 16
   kv_dtype: str = "bfloat16"
   seed: int = 0
@@ -122,11 +124,8 @@ def _needles(kind: str, rng: random.Random) -> tuple[list[str], str, tuple[str, 
     name, number = _name(rng), _number(rng)
     return ([f"The locker number of {name} is {number}."],
             f"What is the locker number of {name}? Answer with the number only.", (number,))
-  if kind == "multikey":
-    names = []
-    while len(names) < 4:
-      name = _name(rng)
-      names += [name] if name not in names else []
+  if kind == "multikey":  # four people with no first or last name in common
+    names = [f"{a} {b}" for a, b in zip(rng.sample(_FIRST, 4), rng.sample(_LAST, 4))]
     numbers = [_number(rng) for _ in names]
     return ([f"The locker number of {n} is {v}." for n, v in zip(names, numbers)],
             f"What is the locker number of {names[0]}? Answer with the number only.", (numbers[0],))
@@ -268,16 +267,17 @@ def run(config: RetrievalConfig, out_dir) -> list[dict]:
     elapsed = time.perf_counter() - began
     eta = f", {elapsed / n_done * (len(items) - n_done) / 60:.0f} min left" if n_done else ""
     common.progress(f"[{n_done + 1}/{len(items)}] {item.kind} at {item.context} tokens, depth {item.depth:.2f}{eta}")
+    steps = config.answer_tokens or ANSWER_TOKENS[item.kind]
     padded = tasks.bucket(len(item.ids))
-    width = tasks.table_width(padded + config.answer_tokens + 1, config.block_size)
+    width = tasks.table_width(padded + steps + 1, config.block_size)
     tokens = jnp.asarray(item.ids + [0] * (padded - len(item.ids)), jnp.int32)
     kv, tables, first, _ = tasks.prefill(graphdef, state, tokens, jnp.int32(len(item.ids)), width=width,
                                           block_size=config.block_size, kv_storage=kv_storage)
-    forced = jnp.full((config.answer_tokens,), -1, jnp.int32)
+    forced = jnp.full((steps,), -1, jnp.int32)
     for m in config.methods:
       greedy, _, used, dense = jax.device_get(tasks.decode_greedy(
           graphdef, state, kv, tables, first, jnp.int32(len(item.ids)), forced, jnp.float32(m.tau),
-          attention=m.backend, steps=config.answer_tokens))
+          attention=m.backend, steps=steps))
       answer = [int(first)] + [int(t) for t in greedy]
       cut = next((i for i, t in enumerate(answer) if t in stops), len(answer))
       text = tok.decode(answer[:cut])
