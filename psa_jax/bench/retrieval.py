@@ -338,8 +338,9 @@ def _lost_heatmap(path, lost, method: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(4 + 0.3 * lost.shape[1], 0.25 * lost.shape[0] + 1.5))
+  fig, ax = plt.subplots(figsize=(4 + 0.5 * lost.shape[1], 0.18 * lost.shape[0] + 1.5))
   im = ax.imshow(lost, aspect="auto", cmap="magma", vmin=0, vmax=1)
+  ax.set_xticks(range(lost.shape[1]))
   ax.set_xlabel("KV head")
   ax.set_ylabel("layer")
   ax.set_title(f"{method}: share of needle-heavy steps whose needle\nit did not read (items only dense answered)",
