@@ -215,25 +215,21 @@ def _call(case: Case) -> Callable:
   return lambda *args: fn(*args, case.config, impl="pallas", interpret=False)
 
 
-class _Placeholder:
-  """What a newer jaxlib's lowering gets back from `triton.compile` while the check lowers: the check compiles
-  each module itself, in the worker, where a crash is contained."""
-
-  asm = ""
-  hsaco_path = ""
-  smem_bytes = 0
-
-
 def lower(case: Case) -> list[TritonModule]:
-  """The Triton modules of `case`'s call, in launch order. Raises whatever the lowering raises."""
+  """The Triton modules of `case`'s call, in launch order. Raises whatever the lowering raises.
+
+  jaxlib 0.10.2 leaves each module in its custom call. Newer jaxlibs compile each one inside the lowering (for
+  sm_90 where no GPU is visible): the modules are taken from those calls, which go on to the real compiler, so
+  the lowering completes as it would for XLA (in the worker, where a crash is contained).
+  """
   import jax
   from jax._src.lib import triton
 
-  captured = []  # jaxlib > 0.10.2 compiles inside the lowering: take the module from there instead
+  captured = []
 
-  def capture(platform, module, arch_name, *, num_warps, num_stages, **_):
+  def capture(platform, module, arch_name, *, num_warps, num_stages, **kwargs):
     captured.append((module, num_warps, num_stages))
-    return _Placeholder()
+    return real(platform, module, arch_name, num_warps=num_warps, num_stages=num_stages, **kwargs)
 
   real = triton.compile
   triton.compile = capture
