@@ -94,7 +94,7 @@ def test_xla_path_for_a_single_long_sequence_matches_oracle(config):
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("score", ["minmax", "mean"])
+@pytest.mark.parametrize("score", ["minmax", "mean", "spread"])
 def test_topk_matches_oracle(impl, score):
   x = inputs(group=4, seed=2)
   config = TopKConfig(k_blocks=2, score=score, chunk_blocks=2)
@@ -180,31 +180,32 @@ def test_dense_config_chunk_does_not_change_result():
   close(a, b, jnp.float32)
 
 
-def packed_and_rounded(x):
-  """The same bfloat16 KV twice: packed (uint16 bits, the CPU arena's storage) and widened to float32."""
+def packed_and_rounded(x, dtype=jnp.float32):
+  """The same bfloat16 KV twice: packed (uint16 bits, the CPU arena's storage) and as `dtype` values."""
   k, v = (storage.pack(p, storage.PACKED) for p in (x.k_pages, x.v_pages))
   summaries = summarize_pages(k, v, jnp.arange(k.shape[1]), jnp.full((k.shape[1],), k.shape[2]))
   packed = x._replace(k_pages=k, v_pages=v, summaries=summaries)
-  as_float = x._replace(k_pages=storage.unpack(k), v_pages=storage.unpack(v),
-                        summaries=type(summaries)(*map(storage.unpack, summaries)))
-  return packed, as_float
+  values = lambda p: storage.unpack(p).astype(dtype)
+  as_values = x._replace(k_pages=values(k), v_pages=values(v), summaries=type(summaries)(*map(values, summaries)))
+  return packed, as_values
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
 @pytest.mark.parametrize("kind", ["dense", "topk", "psa"])
-def test_packed_bfloat16_pages_attend_like_their_float32_values(impl, kind):
-  packed, as_float = packed_and_rounded(inputs(group=3, seed=5, heavy_blocks=2, strength=3.0))
+def test_packed_bfloat16_pages_attend_like_their_values(impl, kind):
+  # The kernels read packed pages as the bfloat16 pages they are; the XLA path and the oracle widen them to float32.
+  values = jnp.bfloat16 if impl == "pallas" else jnp.float32
+  packed, as_values = packed_and_rounded(inputs(group=3, seed=5, heavy_blocks=2, strength=3.0), values)
   run = {
       "dense": lambda x: (dense_attention(*x[:5], impl=impl), None),
       "topk": lambda x: topk_attention(*x, TopKConfig(k_blocks=2, chunk_blocks=2), impl=impl),
       "psa": lambda x: psa_attention(*x, PSAConfig(tau=0.8, chunk_blocks=1), impl=impl),
   }[kind]
   out, used = run(packed)
-  want_out, want_used = run(as_float)
+  want_out, want_used = run(as_values)
   if used is not None:
     np.testing.assert_array_equal(used, want_used)
-  # The kernels read packed pages as bfloat16 (and round q to it); the XLA path and the oracle widen them.
-  close(out, want_out, jnp.bfloat16 if impl == "pallas" else jnp.float32)
+  close(out, want_out, values)
 
 
 def test_pages_of_an_integer_dtype_other_than_packed_are_rejected():
@@ -220,17 +221,17 @@ def test_summaries_must_be_packed_exactly_when_the_pages_are():
 
 
 # The value-aware options (stopping.py): the "value" estimator, patience, tail compensation and the two tail
-# estimates ("mixed", the default, "scores" and "last_chunk"), with the hybrid block score. Each config is a compile of
-# its own, so the cases below are a spread, not a product.
+# estimates ("mixed", the default, "scores" and "last_chunk"), with the spread block score (the default) and the
+# others. Each config is a compile of its own, so the cases below are a sample, not a product.
 VALUE_CONFIGS = {
-    "value": PSAConfig(tau=0.9, estimator="value", score="hybrid"),
-    "value_patience": PSAConfig(tau=0.7, estimator="value", score="hybrid", patience=2, chunk_blocks=1),
-    "value_compensated": PSAConfig(tau=0.95, estimator="value", score="hybrid", compensate=True, chunk_blocks=2),
-    "value_patience_compensated": PSAConfig(tau=0.8, estimator="value", score="hybrid", patience=2,
+    "value": PSAConfig(tau=0.9, estimator="value", score="spread"),
+    "value_patience": PSAConfig(tau=0.7, estimator="value", score="spread", patience=2, chunk_blocks=1),
+    "value_compensated": PSAConfig(tau=0.95, estimator="value", score="spread", compensate=True, chunk_blocks=2),
+    "value_patience_compensated": PSAConfig(tau=0.8, estimator="value", score="spread", patience=2,
                                             compensate=True, chunk_blocks=1),
-    "last_chunk_patience_compensated": PSAConfig(tau=0.6, estimator="last_chunk", score="hybrid", patience=2,
+    "last_chunk_patience_compensated": PSAConfig(tau=0.6, estimator="last_chunk", score="spread", patience=2,
                                                  compensate=True, chunk_blocks=1),
-    "value_capped_compensated": PSAConfig(tau=0.99, estimator="value", score="hybrid", compensate=True,
+    "value_capped_compensated": PSAConfig(tau=0.99, estimator="value", score="spread", compensate=True,
                                           max_blocks=3, chunk_blocks=2),
     "value_chunk_tail": PSAConfig(tau=0.9, estimator="value", score="hybrid", patience=2, tail="last_chunk",
                                   chunk_blocks=1),
@@ -271,7 +272,7 @@ def test_value_rule_with_tau_one_equals_dense_with_or_without_compensation(impl)
   n = -(-np.asarray(x.lengths) // 16)
   outs = []
   for compensate in (False, True):
-    config = PSAConfig(tau=1.0, estimator="value", score="hybrid", patience=2, compensate=compensate)
+    config = PSAConfig(tau=1.0, estimator="value", score="spread", patience=2, compensate=compensate)
     out, used = psa_attention(*x, config, impl=impl)
     close(out, dense_oracle(x), jnp.float32)
     np.testing.assert_array_equal(used, np.broadcast_to(n[:, None], used.shape))
@@ -283,7 +284,7 @@ def test_value_rule_with_tau_one_equals_dense_with_or_without_compensation(impl)
 @pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
 def test_value_rule_with_empty_budget_attends_to_nothing_even_compensated(impl):
   x = inputs()
-  config = PSAConfig(max_blocks=0, estimator="value", score="hybrid", patience=2, compensate=True)
+  config = PSAConfig(max_blocks=0, estimator="value", score="spread", patience=2, compensate=True)
   out, used = psa_attention(*x, config, impl=impl)
   assert not np.asarray(used).any() and not np.asarray(out).any()
 
@@ -291,7 +292,9 @@ def test_value_rule_with_empty_budget_attends_to_nothing_even_compensated(impl):
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_value_rule_on_packed_bfloat16_pages_matches_oracle(impl):
   packed, _ = packed_and_rounded(inputs(group=3, seed=5, heavy_blocks=2, strength=3.0))
-  # The kernels read packed pages as bfloat16 (and round q to it); the XLA path and the oracle widen them.
+  # The kernels read packed pages as bfloat16 and round q to it; the XLA path and the oracle widen the pages. A q
+  # that is already bfloat16-exact makes the logits the same numbers on every path.
+  packed = packed._replace(q=packed.q.astype(jnp.bfloat16).astype(jnp.float32))
   held_to_oracle(packed, VALUE_CONFIGS["value_patience_compensated"], impl,
                  jnp.bfloat16 if impl == "pallas" else jnp.float32)
 

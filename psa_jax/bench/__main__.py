@@ -45,7 +45,7 @@ _FULL = flags.DEFINE_bool("full", False, "Finer budget grid (quality; takes long
 _QUALITY_TAUS = flags.DEFINE_list("quality_taus", None, "PSA thresholds of the PSA curves (quality; default grid) "
                                   "or of the PSA methods (retrieval; default: the default tau and 0.95).")
 _QUALITY_KS = flags.DEFINE_list("quality_ks", None, "Top-k budgets of the top-k curves (quality; default grid) "
-                                "or methods (retrieval; default: 32, 64).")
+                                "or methods (retrieval; default: 32, 64; empty: none).")
 _RETRIEVAL_KINDS = flags.DEFINE_list("retrieval_kinds", list(retrieval.KINDS), "Needle kinds (retrieval).")
 _ITEMS = flags.DEFINE_integer("items", retrieval.RetrievalConfig.items, "Items per context and kind (retrieval).")
 _CURVES = flags.DEFINE_list("curves", list(quality.DEFAULT_FAMILIES),
@@ -115,7 +115,7 @@ def main(argv):
   elif _STUDY.value == "retrieval":
     methods = retrieval.default_methods(
         **({"taus": tuple(float(t) for t in _QUALITY_TAUS.value)} if _QUALITY_TAUS.value else {}),
-        **({"ks": tuple(int(k) for k in _QUALITY_KS.value)} if _QUALITY_KS.value else {}))
+        **({"ks": tuple(int(k) for k in _QUALITY_KS.value)} if _QUALITY_KS.value is not None else {}))
     config = retrieval.RetrievalConfig(
         model=shared.MODEL.value, contexts=contexts or retrieval.RetrievalConfig.contexts,
         kinds=tuple(_RETRIEVAL_KINDS.value), items=_ITEMS.value, methods=methods, documents=tuple(_DOCUMENTS.value),
