@@ -39,7 +39,7 @@ def test_a_head_dim_that_is_not_a_power_of_two_compiles_padded():
   shape = gpu_compile.KernelShape("phi3_like", q_heads=4, kv_heads=2, head_dim=96)
   cases = [gpu_compile.Case("psa", gpu_compile.PSAConfig(), "bfloat16", shape)]
   rows = gpu_compile.check(cases, gpu_compile.CheckConfig(archs=("sm_90",), compiler_dir=compiler_dir()))
-  assert [(r["kernel"], r["status"]) for r in rows] == [("block_scores_hybrid", "ok"),
+  assert [(r["kernel"], r["status"]) for r in rows] == [("block_scores_spread", "ok"),
                                                         ("progressive_attention_value", "ok")]
 
 

@@ -288,6 +288,9 @@ def run(config: RetrievalConfig, out_dir) -> list[dict]:
                           # the decode steps whose tokens were kept: step j read answer[j] and chose answer[j + 1]
                           blocks=float(used[:max(cut - 1, 0)].sum()),
                           dense_blocks=float(dense[:max(cut - 1, 0)].sum())))
+    # Every answer so far, so that a long run cut short still leaves its items (retrieval.summarize reads them).
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "retrieval_items.json").write_text(json.dumps(records, indent=0))
   rows = summarize(records, config.methods)
   _report(rows, records, config, out_dir)
   _diagnose(lm, items, records, config, out_dir)
