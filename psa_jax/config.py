@@ -13,7 +13,7 @@ from typing import Literal
 from psa_jax.pallas_kernels.stopping import ESTIMATORS, TAILS
 from psa_jax.pallas_kernels.summaries import SCORE_KINDS
 
-ScoreKind = Literal["mean", "minmax", "hybrid", "spread"]
+ScoreKind = Literal["mean", "minmax", "hybrid"]
 Estimator = Literal["score_mass", "last_chunk", "estimate", "value"]
 Tail = Literal["mixed", "scores", "last_chunk"]
 Impl = Literal["auto", "pallas", "xla", "reference"]
@@ -58,8 +58,7 @@ class TopKConfig:
 
   Attends to the first `sink_blocks`, the last `local_blocks` and the `k_blocks` other blocks of highest
   estimated criticality. `score` picks the block summary the criticality comes from ("minmax" is Quest's
-  per-channel upper bound, "mean" the mean-key logit, "hybrid" their average, "spread" the mean logit plus
-  three standard deviations of the block's logits; summaries.block_score).
+  per-channel upper bound, "mean" the mean-key logit, "hybrid" their average).
   """
 
   k_blocks: int = 32
@@ -97,8 +96,7 @@ class PSAConfig:
     "value": value-aware; stops once the unread blocks would move the output by at most 1 - tau of its norm,
       estimated from the last chunk's mass and the value summaries (R / (G + R) * |v_unread - o|).
   score: the block summary behind the criticality ("mean": q . mean_k; "minmax": Quest's upper bound;
-    "hybrid": their average; "spread": the mean logit plus three standard deviations of the block's logits,
-    from the per-channel key variances; summaries.block_score).
+    "hybrid": their average).
   patience: chunk boundaries in a row at which the rule must hold.
   compensate: fold the unread blocks' estimated contribution (their mass estimate times their mean value) into
     the output; reads no KV, only the value summaries.
@@ -120,7 +118,7 @@ class PSAConfig:
   sink_blocks: int = 1
   local_blocks: int = 1
   chunk_blocks: int = 4
-  score: ScoreKind = "spread"
+  score: ScoreKind = "hybrid"
   estimator: Estimator = "value"
   patience: int = 2
   compensate: bool = False

@@ -254,7 +254,6 @@ def stage_kernels(rec: Recorder, p: Profile, failed: dict[str, str]) -> None:
   import numpy as np
   from psa_jax import PSAConfig, TopKConfig, dense_attention, psa_attention, topk_attention
   from psa_jax.pallas_kernels import stopping
-  from psa_jax.pallas_kernels.summaries import SCORE_ROWS
 
   topk, psa = TopKConfig(k_blocks=p.topk_blocks), PSAConfig()
   calls = {
@@ -262,8 +261,9 @@ def stage_kernels(rec: Recorder, p: Profile, failed: dict[str, str]) -> None:
       "topk": lambda x, impl: topk_attention(*x, topk, impl=impl, interpret=p.interpret),
       "psa": lambda x, impl: psa_attention(*x, psa, impl=impl, interpret=p.interpret),
   }
-  summary_rows = {"dense": 0, "topk": len(SCORE_ROWS[topk.score]),
-                  "psa": len(SCORE_ROWS[psa.score]) + stopping.needs_values(psa.estimator, psa.compensate)}
+  score_rows = {"minmax": 2, "mean": 1, "hybrid": 3}
+  summary_rows = {"dense": 0, "topk": score_rows[topk.score],
+                  "psa": score_rows[psa.score] + stopping.needs_values(psa.estimator, psa.compensate)}
   failures = 0
   for context in p.kernel_contexts:
     for dtype in (jnp.bfloat16, jnp.float32):

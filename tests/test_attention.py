@@ -94,7 +94,7 @@ def test_xla_path_for_a_single_long_sequence_matches_oracle(config):
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("score", ["minmax", "mean", "spread"])
+@pytest.mark.parametrize("score", ["minmax", "mean"])
 def test_topk_matches_oracle(impl, score):
   x = inputs(group=4, seed=2)
   config = TopKConfig(k_blocks=2, score=score, chunk_blocks=2)
@@ -221,17 +221,17 @@ def test_summaries_must_be_packed_exactly_when_the_pages_are():
 
 
 # The value-aware options (stopping.py): the "value" estimator, patience, tail compensation and the two tail
-# estimates ("mixed", the default, "scores" and "last_chunk"), with the spread block score (the default) and the
-# others. Each config is a compile of its own, so the cases below are a sample, not a product.
+# estimates ("mixed", the default, "scores" and "last_chunk"), with the hybrid block score. Each config is a compile of
+# its own, so the cases below are a spread, not a product.
 VALUE_CONFIGS = {
-    "value": PSAConfig(tau=0.9, estimator="value", score="spread"),
-    "value_patience": PSAConfig(tau=0.7, estimator="value", score="spread", patience=2, chunk_blocks=1),
-    "value_compensated": PSAConfig(tau=0.95, estimator="value", score="spread", compensate=True, chunk_blocks=2),
-    "value_patience_compensated": PSAConfig(tau=0.8, estimator="value", score="spread", patience=2,
+    "value": PSAConfig(tau=0.9, estimator="value", score="hybrid"),
+    "value_patience": PSAConfig(tau=0.7, estimator="value", score="hybrid", patience=2, chunk_blocks=1),
+    "value_compensated": PSAConfig(tau=0.95, estimator="value", score="hybrid", compensate=True, chunk_blocks=2),
+    "value_patience_compensated": PSAConfig(tau=0.8, estimator="value", score="hybrid", patience=2,
                                             compensate=True, chunk_blocks=1),
-    "last_chunk_patience_compensated": PSAConfig(tau=0.6, estimator="last_chunk", score="spread", patience=2,
+    "last_chunk_patience_compensated": PSAConfig(tau=0.6, estimator="last_chunk", score="hybrid", patience=2,
                                                  compensate=True, chunk_blocks=1),
-    "value_capped_compensated": PSAConfig(tau=0.99, estimator="value", score="spread", compensate=True,
+    "value_capped_compensated": PSAConfig(tau=0.99, estimator="value", score="hybrid", compensate=True,
                                           max_blocks=3, chunk_blocks=2),
     "value_chunk_tail": PSAConfig(tau=0.9, estimator="value", score="hybrid", patience=2, tail="last_chunk",
                                   chunk_blocks=1),
@@ -272,7 +272,7 @@ def test_value_rule_with_tau_one_equals_dense_with_or_without_compensation(impl)
   n = -(-np.asarray(x.lengths) // 16)
   outs = []
   for compensate in (False, True):
-    config = PSAConfig(tau=1.0, estimator="value", score="spread", patience=2, compensate=compensate)
+    config = PSAConfig(tau=1.0, estimator="value", score="hybrid", patience=2, compensate=compensate)
     out, used = psa_attention(*x, config, impl=impl)
     close(out, dense_oracle(x), jnp.float32)
     np.testing.assert_array_equal(used, np.broadcast_to(n[:, None], used.shape))
@@ -284,7 +284,7 @@ def test_value_rule_with_tau_one_equals_dense_with_or_without_compensation(impl)
 @pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
 def test_value_rule_with_empty_budget_attends_to_nothing_even_compensated(impl):
   x = inputs()
-  config = PSAConfig(max_blocks=0, estimator="value", score="spread", patience=2, compensate=True)
+  config = PSAConfig(max_blocks=0, estimator="value", score="hybrid", patience=2, compensate=True)
   out, used = psa_attention(*x, config, impl=impl)
   assert not np.asarray(used).any() and not np.asarray(out).any()
 

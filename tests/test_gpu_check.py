@@ -23,7 +23,7 @@ def test_smoke_run_checks_every_kernel_and_decodes_every_attention(tmp_path):
   # The GPU build of each attention's kernels, compiled for Hopper before anything runs.
   assert {(r["kind"], r["kernel"], r["status"]) for r in stages["compile"]["rows"]} == {
       ("dense", "progressive_attention_fixed", "ok"), ("topk", "block_scores_minmax", "ok"),
-      ("topk", "progressive_attention_fixed", "ok"), ("psa", "block_scores_spread", "ok"),
+      ("topk", "progressive_attention_fixed", "ok"), ("psa", "block_scores_hybrid", "ok"),
       ("psa", "progressive_attention_value", "ok")}
   assert stages["compile"]["failed_kinds"] == {}
   kernels = stages["kernels"]["rows"]

@@ -28,7 +28,7 @@ def test_every_attention_kind_compiles_at_its_defaults_for_hopper_and_ampere_in_
     kernels[(r["kind"], r["dtype"], r["arch"])].add(r["kernel"])
   want = {"dense": {"progressive_attention_fixed"},
           "topk": {"block_scores_minmax", "progressive_attention_fixed"},
-          "psa": {"block_scores_spread", "progressive_attention_value"}}  # the value-aware stop, PSA's default
+          "psa": {"block_scores_hybrid", "progressive_attention_value"}}  # the value-aware stop, PSA's default
   assert kernels == {(k, d, a): want[k] for k in want for d in ("float32", "bfloat16") for a in ("sm_90", "sm_80")}
   for r in rows:
     assert 0 < r["smem_bytes"] <= r["smem_limit"] == gpu_compile.ARCHS[r["arch"]].smem_limit
@@ -39,7 +39,7 @@ def test_a_head_dim_that_is_not_a_power_of_two_compiles_padded():
   shape = gpu_compile.KernelShape("phi3_like", q_heads=4, kv_heads=2, head_dim=96)
   cases = [gpu_compile.Case("psa", gpu_compile.PSAConfig(), "bfloat16", shape)]
   rows = gpu_compile.check(cases, gpu_compile.CheckConfig(archs=("sm_90",), compiler_dir=compiler_dir()))
-  assert [(r["kernel"], r["status"]) for r in rows] == [("block_scores_spread", "ok"),
+  assert [(r["kernel"], r["status"]) for r in rows] == [("block_scores_hybrid", "ok"),
                                                         ("progressive_attention_value", "ok")]
 
 
@@ -62,7 +62,7 @@ def test_a_worker_that_dies_mid_run_is_a_failed_row_and_the_run_goes_on():
   # either way every kernel has its row and no other is lost.
   assert [(r["kind"], r["kernel"]) for r in rows] == [
       ("dense", "progressive_attention_fixed"), ("topk", "block_scores_minmax"),
-      ("topk", "progressive_attention_fixed"), ("psa", "block_scores_spread"), ("psa", "progressive_attention_value")]
+      ("topk", "progressive_attention_fixed"), ("psa", "block_scores_hybrid"), ("psa", "progressive_attention_value")]
   statuses = [r["status"] for r in rows]
   assert statuses.count("ok") >= 4 and set(statuses) <= {"ok", "crashed (signal 9)"}
 

@@ -56,10 +56,10 @@ def test_a_packed_pool_is_written_read_and_summarized_as_its_bfloat16_values():
     np.testing.assert_array_equal(gather_context(got, table), gather_context(want, table))
 
   def same_summaries(packed_summaries, plain_summaries):
-    # min and max of bfloat16 keys are exact; the means and the key variance are rounded to bfloat16 once, as in
-    # a bfloat16 pool.
+    # min and max of bfloat16 keys are exact; the half-boxes and the value mean are rounded to bfloat16 once, as
+    # in a bfloat16 pool.
     for name, got, want in zip(packed_summaries._fields, packed_summaries, plain_summaries):
-      want = rounded(want) if name in ("kmean", "kvar", "vmean") else want
+      want = rounded(want) if name in ("hmin", "hmax", "vmean") else want
       np.testing.assert_array_equal(storage.unpack(got), want, err_msg=name)
 
   same_summaries(packed.summaries, plain.summaries)

@@ -9,11 +9,11 @@ import pytest
 from psa_jax.pallas_kernels import scoring, selection
 from psa_jax.pallas_kernels.progressive import INFO_WIDTH
 from psa_jax import BlockSummaries, summarize_pages, update_summaries
-from psa_jax.pallas_kernels.summaries import SCORE_ROWS, SPREAD_SIGMAS, score_rows
+from psa_jax.pallas_kernels.summaries import mean_keys, score_box
 from psa_jax.synthetic import synthetic_decode_inputs
 
 
-def test_summaries_are_boxes_means_and_variances_of_the_valid_tokens_only():
+def test_summaries_are_boxes_and_means_of_the_valid_tokens_only():
   rng = np.random.default_rng(0)
   k = jnp.asarray(rng.normal(size=(2, 5, 8, 4)), jnp.float32)
   v = jnp.asarray(rng.normal(size=(2, 5, 8, 4)), jnp.float32)
@@ -22,18 +22,18 @@ def test_summaries_are_boxes_means_and_variances_of_the_valid_tokens_only():
     keys = np.asarray(k[:, page, :n])
     np.testing.assert_allclose(s.kmin[:, i], keys.min(axis=1))
     np.testing.assert_allclose(s.kmax[:, i], keys.max(axis=1))
-    np.testing.assert_allclose(s.kmean[:, i], keys.mean(axis=1), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(s.kvar[:, i], keys.var(axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.hmin[:, i], 0.5 * (keys.min(axis=1) + keys.mean(axis=1)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(s.hmax[:, i], 0.5 * (keys.max(axis=1) + keys.mean(axis=1)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(mean_keys(s)[:, i], keys.mean(axis=1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s.vmean[:, i], v[:, page, :n].mean(axis=1), rtol=1e-6)
 
 
-@pytest.mark.parametrize("score, fields", [("mean", ("kmean",)), ("minmax", ("kmin", "kmax")),
-                                           ("hybrid", ("kmin", "kmax", "kmean")), ("spread", ("kmean", "kvar"))])
-def test_each_score_reads_only_its_stored_rows(score, fields):
+@pytest.mark.parametrize("score, fields", [("minmax", ("kmin", "kmax")), ("hybrid", ("hmin", "hmax"))])
+def test_each_bound_reads_the_two_stored_rows_of_its_box(score, fields):
   s = summarize_pages(*(jnp.asarray(np.random.default_rng(5).normal(size=(2, 3, 4, 4)), jnp.float32)
                         for _ in range(2)), jnp.array([0, 2]), jnp.array([4, 3]))
-  assert SCORE_ROWS[score] == fields
-  assert all(got is getattr(s, name) for got, name in zip(score_rows(s, score), fields, strict=True))
+  lower, upper = score_box(s, score)
+  assert lower is getattr(s, fields[0]) and upper is getattr(s, fields[1])
 
 
 def test_appending_token_by_token_equals_summarizing_once():
@@ -74,7 +74,7 @@ def test_minmax_score_bounds_every_key_logit():
       assert (logits.max(-1) <= np.asarray(scores[b, :, :, j]) + 1e-4).all()
 
 
-@pytest.mark.parametrize("score", ["mean", "minmax", "hybrid", "spread"])
+@pytest.mark.parametrize("score", ["mean", "minmax", "hybrid"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_pallas_block_scores_match_reference(score, dtype):
   x = synthetic_decode_inputs(1, (1, 17, 200), q_heads=6, kv_heads=2, head_dim=32, dtype=dtype, max_blocks=16)
@@ -147,41 +147,6 @@ def test_hybrid_score_is_the_average_of_the_mean_logit_and_the_bound():
   finite = np.isfinite(mean)
   np.testing.assert_array_equal(np.isfinite(hybrid), finite)
   np.testing.assert_allclose(hybrid[finite], 0.5 * (mean + bound)[finite], rtol=1e-5, atol=1e-5)
-
-
-def test_spread_score_is_the_mean_logit_plus_three_deviations_of_the_logits_channels_independent():
-  x = synthetic_decode_inputs(3, (90, 40), q_heads=6, kv_heads=2, head_dim=32)
-  qg = x.q.reshape(2, 2, 3, 32)
-  got = np.asarray(selection.block_scores_reference(qg, x.summaries, x.block_table, x.lengths, block_size=16,
-                                                    score="spread", sm_scale=0.25))
-  k = np.asarray(x.k_pages, np.float32)
-  for b in range(2):
-    for j in range(-(-int(x.lengths[b]) // 16)):
-      keys = k[:, int(x.block_table[b, j]), :min(16, int(x.lengths[b]) - 16 * j)]  # [H, n, D]
-      q = np.asarray(qg[b], np.float32)  # [H, G, D]
-      want = np.einsum("hgd,hd->hg", q, keys.mean(1)) + SPREAD_SIGMAS * np.sqrt(
-          np.einsum("hgd,hd->hg", q * q, keys.var(1)))
-      np.testing.assert_allclose(got[b, :, :, j], 0.25 * want, rtol=2e-2, atol=2e-2)  # bfloat16 summaries
-  assert np.isneginf(got[1, :, :, 3:]).all()  # past the sequence
-
-
-def test_spread_score_ranks_a_block_with_one_sharp_key_above_a_block_with_the_same_mean_key():
-  """What the mean logit cannot see: two blocks of equal mean key, one holding a key the query meets."""
-  rng = np.random.default_rng(4)
-  d, s = 16, 8
-  q = rng.normal(size=d).astype(np.float32)
-  plain = rng.normal(size=(s, d)).astype(np.float32) * 0.1
-  sharp = plain.copy()
-  sharp[3] += 4.0 * q / np.linalg.norm(q)
-  sharp -= (sharp.mean(0) - plain.mean(0))  # the same mean key
-  k = jnp.asarray(np.stack([plain, sharp])[None])  # [1 head, 2 pages, S, D]
-  summaries = summarize_pages(k, k, jnp.arange(2), jnp.array([s, s]))
-  score = lambda kind: np.asarray(selection.block_scores_reference(
-      jnp.asarray(q)[None, None, None], summaries, jnp.arange(2)[None], jnp.array([2 * s]), block_size=s,
-      score=kind, sm_scale=1.0))[0, 0, 0]
-  np.testing.assert_allclose(*score("mean"), rtol=1e-5)
-  low, high = score("spread")
-  assert high > low + 2.0
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 100, 512, 513, 8192])

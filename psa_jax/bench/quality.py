@@ -75,24 +75,23 @@ class Method:
 
 
 FAMILIES = ("topk", "topk_hybrid", "psa", "psa_coverage", "psa_oracle_order", "topk_oracle_order",
-            "psa_compensated", "psa_chunk_tail", "psa_scores_tail", "psa_hybrid")
-# Compensation, the other tail estimates and the hybrid order are curves on request (--curves).
-DEFAULT_FAMILIES = FAMILIES[:-4]
+            "psa_compensated", "psa_chunk_tail", "psa_scores_tail")
+DEFAULT_FAMILIES = FAMILIES[:-3]  # compensation and the other tail estimates are curves on request (--curves)
 
 
 def default_methods(full: bool = False, *, taus: tuple[float, ...] | None = None, ks: tuple[int, ...] | None = None,
                     families: tuple[str, ...] = DEFAULT_FAMILIES) -> tuple[Method, ...]:
   """The curves: Quest top-k (the reference), top-k on the hybrid order (as well ordered as PSA), PSA with its
   defaults, PSA with the coverage rule it replaced, both with the oracle order, and (on request) PSA with tail
-  compensation, with the other tail estimates and with the hybrid block order. `taus` / `ks` replace the grids of
-  the PSA / top-k curves; `families` picks curves."""
+  compensation. `taus` / `ks` replace the
+  grids of the PSA / top-k curves; `families` picks curves."""
   ks = ks or ((8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if full else (16, 32, 48, 64, 96, 128, 192, 256))
   taus = taus or ((0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98) if full
                   else (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95))
   unknown = set(families) - set(FAMILIES)
   if unknown:
     raise ValueError(f"unknown curves {sorted(unknown)}; known: {FAMILIES}")
-  psa = PSAConfig()
+  psa = PSAConfig(score="hybrid", estimator="value", patience=2)
   coverage = PSAConfig(score="minmax", estimator="last_chunk")
   curves = {
       "topk": [Method("topk", k, "topk", TopKConfig(k_blocks=k)) for k in ks],
@@ -108,7 +107,6 @@ def default_methods(full: bool = False, *, taus: tuple[float, ...] | None = None
                          for t in taus],
       "psa_scores_tail": [Method("psa_scores_tail", t, "psa", dataclasses.replace(psa, tau=t, tail="scores"))
                           for t in taus],
-      "psa_hybrid": [Method("psa_hybrid", t, "psa", dataclasses.replace(psa, tau=t, score="hybrid")) for t in taus],
   }
   return tuple(m for family in families for m in curves[family])
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from psa_jax.pallas_kernels.storage import unpack
-from psa_jax.pallas_kernels.summaries import BlockSummaries, block_score, score_rows
+from psa_jax.pallas_kernels.summaries import BlockSummaries, score_box
 
 NEG_INF = float("-inf")
 
@@ -40,10 +40,13 @@ def block_scores_reference(
 
   heads: the KV heads of the summaries that q's head axis stands for (None: all of them, in order).
 
-  The score kinds are defined by summaries.block_score; PSA's default, "spread" (the mean logit plus three
-  standard deviations of the block's logits), puts a block with one sharp key near where its exact mass would,
-  where the mean logit dilutes that key and Quest's bound ranks blocks by their per-channel range
-  (BENCHMARKS.md, the retrieval study's diagnosis).
+  Every score kind is a bound over a box of keys, q+ . upper + q- . lower (summaries.score_box): "minmax" is
+  Quest's bound max_k q . k <= sum_d max(q_d kmin_d, q_d kmax_d); "hybrid" the average of that bound and the
+  mean-key logit, which is the same bound over the box shrunk halfway toward the mean key; "mean" q . kmean. The
+  bound alone ranks a block by its single most aligned channel mix and overshoots the true maximum by ~10 scaled
+  logits on real keys, misranking heavy blocks; the mean logit alone misses blocks with one sharp key. Their
+  average ranks the blocks of the default model closer to the exact order than either (BENCHMARKS.md, quality
+  study).
   """
   valid = jnp.arange(block_table.shape[1])[None, :] < num_blocks(lengths, block_size)[:, None]  # [B, M]
   pages = jnp.where(valid, block_table, 0)
@@ -57,8 +60,8 @@ def block_scores_reference(
   # Block-major product, transposed after: the gathered summaries stay the matmul's left operand in their own
   # layout (as "bhgd,bhmd->bhgm", XLA:CPU copied them transposed first).
   dot = lambda a, k: jnp.swapaxes(jnp.einsum("bhmd,bhgd->bhmg", k, a, precision=jax.lax.Precision.HIGHEST), 2, 3)
-  rows = tuple(take(r) for r in score_rows(summaries, score))
-  s = block_score(score, qf, rows, dot)
+  lower, upper = score_box(summaries, score)
+  s = dot(jnp.maximum(qf, 0.0), take(upper)) + dot(jnp.minimum(qf, 0.0), take(lower))
   return jnp.where(valid[:, None, None, :], s * sm_scale, NEG_INF)
 
 
