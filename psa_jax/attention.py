@@ -133,22 +133,22 @@ def _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau,
     qg, k_pages, v_pages = (_pad_axis(x, x.ndim - 1, dp) for x in (qg, k_pages, v_pages))
     summaries = None if summaries is None else BlockSummaries(*(_pad_axis(x, 2, dp) for x in summaries))
   run = functools.partial(_attend, k_pages=k_pages, v_pages=v_pages, block_table=block_table, lengths=lengths,
-                          summaries=summaries, tau=tau, kind=kind, config=config, impl=impl, interpret=interpret,
+                          summaries=summaries, kind=kind, config=config, impl=impl, interpret=interpret,
                           group=group, sm_scale=1.0 / math.sqrt(head_dim))
   if impl == "xla" and kind != "dense":
     # One scoring, plan and loop per KV head, each head stopping on its own (see progressive_attention_xla).
-    outs, used = zip(*(run(qg[:, h:h + 1], heads=(h,)) for h in range(kv_heads)))
+    outs, used = zip(*(run(qg[:, h:h + 1], tau[:, h:h + 1], heads=(h,)) for h in range(kv_heads)))
     out, used = jnp.concatenate(outs, axis=1), jnp.concatenate(used, axis=1)
   else:
-    out, used = run(qg, heads=None)
+    out, used = run(qg, tau, heads=None)
   out = out[:, :, :group, :head_dim].reshape(batch, q_heads, head_dim).astype(q.dtype)
   return out, used
 
 
-def _attend(qg, *, k_pages, v_pages, block_table, lengths, summaries, tau, kind, config, impl, interpret, group,
+def _attend(qg, tau, *, k_pages, v_pages, block_table, lengths, summaries, kind, config, impl, interpret, group,
             heads, sm_scale):
-  """Attention of the query groups qg [B, h, Gp, D] against KV heads `heads` of the pool (None: all, h = H).
-  Returns out [B, h, Gp, D] (float32) and blocks used [B, h]."""
+  """Attention of the query groups qg [B, h, Gp, D] against KV heads `heads` of the pool (None: all, h = H), with
+  thresholds tau [B, h]. Returns out [B, h, Gp, D] (float32) and blocks used [B, h]."""
   batch = qg.shape[0]
   block_size = k_pages.shape[2]
   chunk = config.chunk_blocks
@@ -200,12 +200,18 @@ def _run(kind, q, k_pages, v_pages, block_table, lengths, summaries, config, tau
   impl = resolve_impl(impl)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  batch = q.shape[0]
+  batch, kv_heads = q.shape[0], k_pages.shape[0]
   tau_value = _concrete(tau)
   if tau_value is not None:  # a traced tau is checked where it was made (config, engine, server)
     for value in np.unique(tau_value):
       check_tau(float(value))
-  tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (batch,))
+  tau = jnp.asarray(tau, jnp.float32)
+  if tau.ndim == 2 and tau.shape != (batch, kv_heads):
+    raise ValueError(f"a per-head tau must be [batch, kv_heads] = {(batch, kv_heads)}, got {tau.shape}")
+  if tau.ndim > 2 or (tau.ndim == 1 and tau.shape[0] not in (1, batch)):
+    raise ValueError(f"tau must be a scalar, [batch] or [batch, kv_heads], got shape {tau.shape}")
+  if tau.ndim < 2:
+    tau = jnp.broadcast_to(jnp.broadcast_to(tau, (batch,))[:, None], (batch, kv_heads))
   return _decode_attention(q, k_pages, v_pages, block_table, lengths, summaries, tau, kind=kind, config=config,
                            impl=impl, interpret=interpret)
 
@@ -240,7 +246,8 @@ def psa_attention(
   iteration, until the stopping rule of `config.estimator` holds at `config.patience` chunk boundaries in a row
   (by default: the unread blocks would move the output by at most 1 - tau of its norm) or `config.max_blocks`.
 
-  tau: overrides config.tau; a scalar or [batch] (per-request thresholds), traced values allowed.
+  tau: overrides config.tau; a scalar, [batch] (per-request thresholds) or [batch, kv_heads] (per request and KV
+    head: 1.0 reads that head densely), traced values allowed.
   Returns (out [batch, q_heads, head_dim], blocks_used [batch, kv_heads]).
   """
   tau = config.tau if tau is None else tau

@@ -15,6 +15,10 @@ PSA_TAU = flags.DEFINE_float("psa_tau", PSAConfig.tau, "PSA threshold: the unrea
                              "output by at most 1 - tau of its norm (estimated); 1.0 is dense.")
 TOPK_BLOCKS = flags.DEFINE_integer("topk_blocks", AttentionDefaults.topk_blocks,
                                    "Top-k budget in blocks, besides the sink and local blocks.")
+PSA_DENSE_HEADS = flags.DEFINE_string(
+    "psa_dense_heads", "auto", "The (layer, KV head) pairs PSA reads densely, its retrieval heads: auto (a "
+    "psa_dense_heads.json beside the model, else the default model's calibrated list, else none), none, "
+    "LAYER:HEAD,... or a JSON file written by `python -m psa_jax.bench --study=heads`.")
 DENSE_LAYERS = flags.DEFINE_integer("dense_layers", AttentionDefaults.dense_layers,
                                     "The first this many layers attend densely, whatever the attention.")
 DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
@@ -39,3 +43,15 @@ def weights_dtype() -> str:
   if DTYPE.value != "auto":
     return DTYPE.value
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def dense_heads() -> tuple[tuple[int, int], ...]:
+  """--psa_dense_heads resolved for --model (psa_jax/retrieval_heads.py). Raises ValueError on a bad value."""
+  from psa_jax import retrieval_heads
+  from psa_jax.models import checkpoint
+
+  try:
+    path = checkpoint.resolve(MODEL.value)
+  except checkpoint.CheckpointError:
+    path = None  # the load reports it
+  return retrieval_heads.resolve(PSA_DENSE_HEADS.value, MODEL.value, path)

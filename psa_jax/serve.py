@@ -99,6 +99,7 @@ def main(argv):
     config = EngineConfig(
         attention=AttentionDefaults(kind=_ATTENTION.value, psa_tau=shared.PSA_TAU.value,
                                     topk_blocks=shared.TOPK_BLOCKS.value, dense_layers=shared.DENSE_LAYERS.value,
+                                    psa_dense_heads=shared.dense_heads(),
                                     impl=shared.IMPL.value),
         cache=CacheConfig(kv_memory=kv_memory, block_size=_BLOCK.value, kv_dtype=shared.KV_DTYPE.value,
                           max_context=_MAX_CONTEXT.value or model.config.max_context),

@@ -332,3 +332,61 @@ def test_a_head_dim_that_is_not_a_power_of_two_runs_on_the_pallas_path(head_dim,
   np.testing.assert_array_equal(used, ref_used)
   assert out.shape == x.q.shape
   close(out, ref_out, jnp.float32)
+
+
+# ------------------------------------------------------------------------------------- per-head thresholds
+# tau may be [batch, kv_heads]: each (sequence, KV head) stops on its own threshold, and tau 1 reads that head
+# densely (a model's retrieval heads, psa_jax/retrieval_heads.py).
+
+
+def head_taus(x, seed=0, dense_share=0.3):
+  """[B, H] thresholds in [0.3, 0.95], with about `dense_share` of the heads at 1.0."""
+  rng = np.random.default_rng(seed)
+  shape = (x.q.shape[0], x.k_pages.shape[0])
+  tau = rng.uniform(0.3, 0.95, shape)
+  return jnp.asarray(np.where(rng.uniform(size=shape) < dense_share, 1.0, tau), jnp.float32)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_per_head_tau_matches_oracle(group, impl, dtype):
+  x = inputs(group=group, kv_heads=1 if group == 8 else 2, dtype=dtype, seed=7, heavy_blocks=2, strength=3.0)
+  tau = head_taus(x, seed=group)
+  out, used = psa_attention(*x, PSAConfig(), tau=tau, impl=impl)
+  ref_out, ref_used = psa_attention(*x, PSAConfig(), tau=tau, impl="reference")
+  np.testing.assert_array_equal(used, ref_used)
+  close(out, ref_out, dtype)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
+def test_a_head_at_tau_one_is_dense_and_the_others_are_unchanged(impl):
+  x = inputs(kv_heads=2, group=3, lengths=(70, 128, 700), seed=3, heavy_blocks=2, strength=3.0)
+  tau = jnp.asarray([[1.0, 0.6]] * 3, jnp.float32)  # KV head 0 dense, KV head 1 at 0.6
+  out, used = psa_attention(*x, PSAConfig(), tau=tau, impl=impl)
+  sparse_out, sparse_used = psa_attention(*x, PSAConfig(), tau=0.6, impl=impl)
+  np.testing.assert_array_equal(used[:, 0], -(-np.asarray(x.lengths) // 16))
+  close(out[:, :3], dense_oracle(x)[:, :3], jnp.float32)  # query heads 0-2 read KV head 0
+  np.testing.assert_array_equal(used[:, 1], sparse_used[:, 1])
+  close(out[:, 3:], sparse_out[:, 3:], jnp.float32)
+  assert (np.asarray(sparse_used[:, 0]) < np.asarray(used[:, 0])).any()  # tau 0.6 alone would have stopped early
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
+def test_per_head_tau_keeps_empty_and_full_budgets(impl):
+  x = inputs(seed=5)
+  tau = head_taus(x, seed=1, dense_share=0.5)
+  out, used = psa_attention(*x, PSAConfig(max_blocks=0), tau=tau, impl=impl)
+  assert not np.asarray(used).any() and not np.asarray(out).any()
+  out, used = psa_attention(*x, PSAConfig(), tau=jnp.ones_like(tau), impl=impl)
+  close(out, dense_oracle(x), jnp.float32)
+
+
+def test_a_per_head_tau_of_the_wrong_shape_is_refused():
+  x = inputs()
+  with pytest.raises(ValueError, match="kv_heads"):
+    psa_attention(*x, PSAConfig(), tau=jnp.full((5, 3), 0.9), impl="xla")
+  with pytest.raises(ValueError, match="tau must be"):
+    psa_attention(*x, PSAConfig(), tau=jnp.full((4,), 0.9), impl="xla")
+  with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    psa_attention(*x, PSAConfig(), tau=np.array([[0.9, 1.5]] * 5), impl="xla")

@@ -116,7 +116,10 @@ def test_shared_context_attention_matches_the_library_oracle(method):
   config = PSAConfig(tau=knob, **fields) if kind == "psa" else TopKConfig(k_blocks=knob, **fields)
   x = _shared_context_inputs((1, 17, 64, 100, 128))
   attention = quality.SharedContextAttention(quality.Method(kind, knob, kind, config), layer_width=8)
-  tau = np.full((5,), float(knob), np.float32)
+  # Per (row, KV head), as the model's decode step passes it; for PSA, KV head 1 reads densely.
+  tau = np.full((5, 2), float(knob), np.float32)
+  if kind == "psa":
+    tau[:, 1] = 1.0
   got, got_used = attention(*x, tau)
   want, want_used = AttentionBackend(kind, config, "reference")(*x, tau if kind == "psa" else None)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

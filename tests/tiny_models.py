@@ -148,7 +148,7 @@ def save_smollm_tokenizer(path: pathlib.Path) -> None:
       "bos_token": name(tok.bos_token_id), "chat_template": tok.chat_template, "model_max_length": 8192}))
 
 
-_GROUPS = {"attention": ("kind", "psa_tau", "topk_blocks", "dense_layers", "impl"),
+_GROUPS = {"attention": ("kind", "psa_tau", "topk_blocks", "dense_layers", "psa_dense_heads", "impl"),
            "cache": ("kv_memory", "block_size", "kv_dtype", "max_context"),
            "scheduler": ("max_batch", "max_num_batched_tokens", "prefill_chunk", "decode_window", "max_window_seconds",
                          "policy"),

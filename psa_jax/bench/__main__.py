@@ -8,6 +8,7 @@
   --study=quality   KL to dense, top-1 agreement and needle retrieval against KV blocks read: PSA against top-k
   --study=retrieval whole-answer needle retrieval on chat prompts (RULER's kinds, 0-100% depths), each method
                     paired item by item against dense (Wilson intervals, McNemar)
+  --study=heads     the (layer, KV head) pairs PSA should read densely, found on needle-free text
   --study=sharding  decode tokens/s against device count on meshes (--host_devices forces CPU devices)
   --study=serving   a real server under load over HTTP, like `vllm bench serve`: TTFT, TPOT, ITL, E2E latency and
                     throughput at fixed concurrencies and Poisson request rates, per attention and scheduler
@@ -22,10 +23,11 @@ import pathlib
 from absl import app, flags, logging
 
 from psa_jax import common_flags as shared
-from psa_jax.bench import e2e, fidelity, kernel, peers, quality, retrieval, serving, sharding, startup, tasks
+from psa_jax.config import PSAConfig
+from psa_jax.bench import e2e, fidelity, heads, kernel, peers, quality, retrieval, serving, sharding, startup, tasks
 
 _STUDY = flags.DEFINE_enum("study", "e2e",
-                           ["e2e", "peers", "kernel", "fidelity", "tasks", "quality", "retrieval", "sharding",
+                           ["e2e", "peers", "kernel", "fidelity", "tasks", "quality", "retrieval", "heads", "sharding",
                             "serving", "startup"],
                            "Which study to run.")
 _OUT = flags.DEFINE_string("out_dir", "bench_results", "Where JSON results and PNG plots go.")
@@ -46,6 +48,8 @@ _QUALITY_TAUS = flags.DEFINE_list("quality_taus", None, "PSA thresholds of the P
                                   "or of the PSA methods (retrieval; default: the default tau and 0.95).")
 _QUALITY_KS = flags.DEFINE_list("quality_ks", None, "Top-k budgets of the top-k curves (quality; default grid) "
                                 "or methods (retrieval; default: 32, 64; empty: none).")
+_HEADS_SHARE = flags.DEFINE_float("heads_share", heads.HeadsConfig.share,
+                                  "Share of the model's KV heads PSA reads densely (heads).")
 _RETRIEVAL_KINDS = flags.DEFINE_list("retrieval_kinds", list(retrieval.KINDS), "Needle kinds (retrieval).")
 _ITEMS = flags.DEFINE_integer("items", retrieval.RetrievalConfig.items, "Items per context and kind (retrieval).")
 _CURVES = flags.DEFINE_list("curves", list(quality.DEFAULT_FAMILIES),
@@ -106,7 +110,7 @@ def main(argv):
     config = quality.QualityConfig(
         model=shared.MODEL.value, documents=tuple(_DOCUMENTS.value),
         contexts=contexts or quality.QualityConfig.contexts,
-        positions=_POSITIONS.value, dense_layers=shared.DENSE_LAYERS.value,
+        positions=_POSITIONS.value, dense_layers=shared.DENSE_LAYERS.value, dense_heads=shared.dense_heads(),
         methods=quality.default_methods(
             _FULL.value, taus=tuple(float(t) for t in _QUALITY_TAUS.value) if _QUALITY_TAUS.value else None,
             ks=tuple(int(k) for k in _QUALITY_KS.value) if _QUALITY_KS.value else None, families=tuple(_CURVES.value)),
@@ -115,12 +119,19 @@ def main(argv):
   elif _STUDY.value == "retrieval":
     methods = retrieval.default_methods(
         **({"taus": tuple(float(t) for t in _QUALITY_TAUS.value)} if _QUALITY_TAUS.value else {}),
-        **({"ks": tuple(int(k) for k in _QUALITY_KS.value)} if _QUALITY_KS.value is not None else {}))
+        **({"ks": tuple(int(k) for k in _QUALITY_KS.value)} if _QUALITY_KS.value is not None else {}),
+        dense_heads=shared.dense_heads())
     config = retrieval.RetrievalConfig(
         model=shared.MODEL.value, contexts=contexts or retrieval.RetrievalConfig.contexts,
         kinds=tuple(_RETRIEVAL_KINDS.value), items=_ITEMS.value, methods=methods, documents=tuple(_DOCUMENTS.value),
         kv_dtype=shared.KV_DTYPE.value)
     retrieval.run(config, out)
+  elif _STUDY.value == "heads":
+    config = heads.HeadsConfig(model=shared.MODEL.value, documents=tuple(_DOCUMENTS.value),
+                               context=int(contexts[0]) if contexts else heads.HeadsConfig.context,
+                               positions=_POSITIONS.value if _POSITIONS.present else heads.HeadsConfig.positions,
+                               share=_HEADS_SHARE.value, psa=PSAConfig(tau=shared.PSA_TAU.value))
+    heads.run(config, out)
   elif _STUDY.value == "sharding":
     config = sharding.ShardingConfig(
         model=shared.MODEL.value, meshes=tuple(_MESHES.value), context=int(contexts[0]) if contexts else 1024,

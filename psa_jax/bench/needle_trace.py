@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psa_jax.attention import psa_attention
+from psa_jax.backend import AttentionBackend, dense_head_mask
 from psa_jax.bench import fidelity
 from psa_jax.config import PSAConfig
 from psa_jax.pallas_kernels import reference, selection
@@ -30,28 +31,40 @@ from psa_jax.pallas_kernels import reference, selection
 HEAVY = 0.1  # dense mass on the needle that makes a (step, layer, head) one that retrieves it
 
 
+def psa_visits(q, k_pages, v_pages, tables, lengths, summaries, tau, *, config: PSAConfig, group: int):
+  """Where PSA's order puts each block and how many blocks PSA reads, for rows q [P, Hq, D] with tables [P, M],
+  lengths [P], tau [P] or [P, H]: (position [P, H, M], block -> its place in the visit order; used [P, H])."""
+  d = q.shape[-1]
+  s = k_pages.shape[2]
+  qg = q.reshape(q.shape[0], k_pages.shape[0], group, d)
+  _, used = psa_attention(q, k_pages, v_pages, tables, lengths, summaries, config, tau=tau, impl="xla")
+  scores = selection.block_scores_reference(qg, summaries, tables, lengths, block_size=s, score=config.score,
+                                            sm_scale=1.0 / math.sqrt(d))
+  plan = selection.plan_visits(scores, lengths, group=group, block_size=s, sink_blocks=config.sink_blocks,
+                               local_blocks=config.local_blocks, budget=config.max_blocks,
+                               budget_counts_forced=True, min_blocks=config.min_blocks)
+  return jnp.argsort(plan.order, axis=-1), used
+
+
+def dense_block_mass(q, k_pages, tables, lengths, *, group: int):
+  """Dense attention's mass on each block, the largest over each KV head's query heads: [P, H, M]."""
+  d = q.shape[-1]
+  qg = q.reshape(q.shape[0], k_pages.shape[0], group, d)
+  logits, token_ok, _ = reference._all_logits(qg, k_pages, tables, lengths, 1.0 / math.sqrt(d))  # [P, H, G, M, S]
+  logits = jnp.where(token_ok[:, None, None], logits, -jnp.inf)
+  prob = jax.nn.softmax(logits.reshape(*logits.shape[:3], -1), axis=-1).reshape(logits.shape)
+  return jnp.max(jnp.sum(prob, axis=-1), axis=2)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "group"))
 def _layer(q, k_pages, v_pages, tables, lengths, summaries, tau, needle, *, config: PSAConfig, group: int):
   """One layer's rows: q [P, Hq, D], tables [P, M], lengths [P], needle [M] bool (the needle's blocks).
   Returns dense_share, rank, exact_rank, used, each [P, H]."""
-  p, hq, d = q.shape
-  h = k_pages.shape[0]
   s = k_pages.shape[2]
-  qg = q.reshape(p, h, group, d)
-  sm_scale = 1.0 / math.sqrt(d)
-  _, used = psa_attention(q, k_pages, v_pages, tables, lengths, summaries, config, tau=tau, impl="xla")
-  scores = selection.block_scores_reference(qg, summaries, tables, lengths, block_size=s, score=config.score,
-                                            sm_scale=sm_scale)
-  plan = selection.plan_visits(scores, lengths, group=group, block_size=s, sink_blocks=config.sink_blocks,
-                               local_blocks=config.local_blocks, budget=config.max_blocks,
-                               budget_counts_forced=True, min_blocks=config.min_blocks)
-  position = jnp.argsort(plan.order, axis=-1)  # [P, H, M]: block -> its place in PSA's order
+  position, used = psa_visits(q, k_pages, v_pages, tables, lengths, summaries, tau, config=config, group=group)
   big = jnp.iinfo(jnp.int32).max
   rank = jnp.min(jnp.where(needle[None, None], position, big), axis=-1)
-  logits, token_ok, _ = reference._all_logits(qg, k_pages, tables, lengths, sm_scale)  # [P, H, G, M, S]
-  logits = jnp.where(token_ok[:, None, None], logits, -jnp.inf)
-  prob = jax.nn.softmax(logits.reshape(*logits.shape[:3], -1), axis=-1).reshape(logits.shape)
-  mass = jnp.max(jnp.sum(prob, axis=-1), axis=2)  # [P, H, M], the largest over the group
+  mass = dense_block_mass(q, k_pages, tables, lengths, group=group)
   dense_share = jnp.sum(jnp.where(needle[None, None], mass, 0.0), axis=-1)
   n = selection.num_blocks(lengths, s)
   m = tables.shape[1]
@@ -66,9 +79,10 @@ def _layer(q, k_pages, v_pages, tables, lengths, summaries, tau, needle, *, conf
 
 
 def trace(lm, prompt: list[int], answer: list[int], needle_tokens: tuple[int, int], config: PSAConfig, tau: float,
-          block_size: int = 16) -> dict:
+          block_size: int = 16, dense_heads: tuple[tuple[int, int], ...] = ()) -> dict:
   """The trace of one item: arrays [steps, layers, kv_heads] (see the module docstring) for the decode steps of
-  `answer` (dense's answer ids, its first token from the prefill) after `prompt`."""
+  `answer` (dense's answer ids, its first token from the prefill) after `prompt`, PSA reading the (layer, KV
+  head) pairs of `dense_heads` densely."""
   c = lm.model.config
   ids = list(prompt) + list(answer)
   positions = [len(prompt) + i for i in range(len(answer) - 1)]  # the queries that chose answer[1:]
@@ -80,11 +94,13 @@ def trace(lm, prompt: list[int], answer: list[int], needle_tokens: tuple[int, in
   needle = np.zeros(blocks, bool)
   needle[needle_tokens[0] // block_size:(needle_tokens[1] - 1) // block_size + 1] = True
   steps = len(positions)
+  dense = dense_head_mask(AttentionBackend("psa", config, dense_heads=dense_heads), c.num_layers, c.num_kv_heads)
   out = {key: [] for key in ("dense_share", "rank", "exact_rank", "used")}
   for layer in range(c.num_layers):
     rows = slice(layer * steps, (layer + 1) * steps)
     result = _layer(queries[rows], k_pages, v_pages, tables[rows], lengths[rows], summaries,
-                    jnp.full((steps,), tau, jnp.float32), jnp.asarray(needle), config=config,
+                    jnp.asarray(np.where(dense[layer][None], 1.0, np.full((steps, 1), tau)), jnp.float32),
+                    jnp.asarray(needle), config=config,
                     group=c.num_heads // c.num_kv_heads)
     for key, value in zip(out, jax.device_get(result)):
       out[key].append(np.asarray(value))

@@ -119,6 +119,7 @@ class QualityConfig:
   positions: int = 256  # scored positions per document and context (the last ones before the context length)
   methods: tuple[Method, ...] = dataclasses.field(default_factory=default_methods)
   dense_layers: int = 0  # layers below this index attend densely, for every method
+  dense_heads: tuple[tuple[int, int], ...] = ()  # (layer, KV head) pairs the PSA methods read densely
   needle_tasks: tuple[str, ...] = NEEDLE_TASKS
   needle_questions: int = 24
   needle_methods: tuple[str, ...] = ("topk@64", "topk@128", "psa_coverage@0.95", "psa@0.8", "psa@0.85", "psa@0.9")
@@ -138,7 +139,8 @@ class SharedContextAttention:
   Called by the model's decode step like an AttentionBackend. Every row's table is the same run of pages, so the
   context is gathered once per layer as [H, M, S, D] and every logit comes from one matmul; the method's blocks
   are then selected with the oracle's semantics. `layer_width`: pages per layer (tables of layer l start at
-  l * layer_width), which tells the layer, and so whether it is one of the `dense_layers`.
+  l * layer_width), which tells the layer, and so whether it is one of the `dense_layers`. `dense_heads` (PSA
+  only) become tau 1 in the per-head thresholds the model's decode step passes in.
 
   The budget knob arrives traced in the per-row threshold argument (tau for PSA, k for top-k), so one compiled
   decode step serves every point of a curve.
@@ -147,8 +149,10 @@ class SharedContextAttention:
   method: Method | None  # None: dense
   layer_width: int
   dense_layers: int = 0
+  dense_heads: tuple[tuple[int, int], ...] = ()
 
   def __call__(self, q, k_pages, v_pages, table, lengths, summaries, tau):
+    """tau [B, H]: the knob, 1 in the `dense_heads` of this layer."""
     b, hq, d = q.shape
     h, _, s, _ = k_pages.shape
     g = hq // h
@@ -180,11 +184,11 @@ class SharedContextAttention:
     psa = method.kind == "psa"
     plan = selection.plan_visits(
         scores, lengths, group=g, block_size=s, sink_blocks=config.sink_blocks, local_blocks=config.local_blocks,
-        budget=config.max_blocks if psa else jnp.round(tau).astype(jnp.int32), budget_counts_forced=psa,
+        budget=config.max_blocks if psa else jnp.round(tau[:, 0]).astype(jnp.int32), budget_counts_forced=psa,
         min_blocks=config.min_blocks if psa else 0)
     dense_layer = table[0, 0] // self.layer_width < self.dense_layers
     plan = plan._replace(limit=jnp.where(dense_layer, n, plan.limit).astype(jnp.int32))
-    tau = jnp.where(dense_layer, 1.0, tau if psa else 1.0)
+    tau = jnp.where(dense_layer | (not psa), 1.0, tau)
     vmean = jnp.moveaxis(summaries.vmean[:, jnp.broadcast_to(pages, (b, m))], 0, 1).astype(jnp.float32)
     out, used = reference.attend_in_order(
         logits, token_ok, v[None], vmean, lengths, plan, tau, chunk_blocks=config.chunk_blocks,
@@ -328,7 +332,9 @@ class _Runner:
       method = dataclasses.replace(method, setting=0.0, config=dataclasses.replace(method.config, **knob))
     key = method
     if key not in self._steps:
-      attention = SharedContextAttention(method, self.width, self.config.dense_layers)
+      psa = method is not None and method.kind == "psa"
+      attention = SharedContextAttention(method, self.width, self.config.dense_layers,
+                                         self.config.dense_heads if psa else ())
       model = self.lm.model
       width = self.width
 

@@ -62,13 +62,13 @@ class Method:
   tau: float
 
 
-def default_methods(taus: tuple[float, ...] = (PSAConfig.tau, 0.95), ks: tuple[int, ...] = (32, 64)
-                    ) -> tuple[Method, ...]:
+def default_methods(taus: tuple[float, ...] = (PSAConfig.tau, 0.95), ks: tuple[int, ...] = (32, 64),
+                    dense_heads: tuple[tuple[int, int], ...] = ()) -> tuple[Method, ...]:
   """Dense first (every other method is paired against it), then Quest top-k at each k and PSA (its defaults
-  otherwise) at each tau."""
+  otherwise, reading `dense_heads` densely) at each tau."""
   return ((Method("dense", AttentionBackend.named("dense"), 1.0),)
           + tuple(Method(f"topk@{k}", AttentionBackend.named("topk", k_blocks=k), 1.0) for k in ks)
-          + tuple(Method(f"psa@{t:g}", AttentionBackend.named("psa"), t) for t in taus))
+          + tuple(Method(f"psa@{t:g}", AttentionBackend.named("psa", dense_heads=dense_heads), t) for t in taus))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +315,7 @@ def _diagnose(lm, items: list[Item], records: list[dict], config: RetrievalConfi
     if len(answer) < 2:
       continue
     arrays = needle_trace.trace(lm, item.ids, answer, item.needle_tokens, psa.backend.config, psa.tau,
-                                config.block_size)
+                                config.block_size, psa.backend.dense_heads)
     hot = arrays["dense_share"] >= needle_trace.HEAVY
     item_lost = (hot & ~arrays["read"]).sum(axis=0) / np.maximum(hot.sum(axis=0), 1)  # [layers, kv_heads]
     lost = item_lost if lost is None else lost + item_lost

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from psa_jax.backend import dense_head_mask
 from psa_jax.models import parallel
 from psa_jax.models.config import ModelConfig
 from psa_jax.models.kv_pages import PagedKV, gather_context, write_tokens
@@ -189,7 +190,7 @@ class Decoder(nnx.Module):
       kv: PagedKV,
       block_tables: jax.Array,  # [L, B, M]
       attention,  # AttentionBackend
-      tau: jax.Array | None = None,  # [B] per-sequence PSA threshold
+      tau: jax.Array | None = None,  # [B] per-sequence PSA threshold (1 in the backend's `dense_heads`)
       active: jax.Array | None = None,  # [B] bool; inactive rows write nothing (batch padding, finished)
       mesh: Mesh | None = None,  # run sharded over it (psa_jax/models/parallel.py); B must divide by its data axis
       layers: tuple[dict, ...] | None = None,  # `split_layers()`: read each layer's weights from its own arrays
@@ -205,6 +206,7 @@ class Decoder(nnx.Module):
     writes = jnp.ones_like(positions) if active is None else active.astype(positions.dtype)
     if tau is None:
       tau = jnp.full((b,), getattr(attention.config, "tau", 1.0), jnp.float32)
+    dense_heads = jnp.asarray(dense_head_mask(attention, c.num_layers, c.num_kv_heads))  # [L, H]
 
     attend = parallel.decode_attention(functools.partial(decode_attention_step, attention), mesh)
 
@@ -226,12 +228,13 @@ class Decoder(nnx.Module):
 
     def layer(carry, xs):
       x, kv = carry
-      i, w, table = xs
+      i, w, table, dense = xs
       q, k, v = with_weights(project, i, w, x)
-      kv, out, used = attend(kv, q, k, v, table, positions, writes, tau, i)
+      head_tau = jnp.where(dense[None, :], 1.0, tau[:, None])  # [B, H]
+      kv, out, used = attend(kv, q, k, v, table, positions, writes, head_tau, i)
       return (with_weights(finish, i, w, x, out), kv), used
 
-    (x, kv), used = jax.lax.scan(layer, (x, kv), (jnp.arange(c.num_layers), weights, block_tables))
+    (x, kv), used = jax.lax.scan(layer, (x, kv), (jnp.arange(c.num_layers), weights, block_tables, dense_heads))
     return self.logits(x), kv, used
 
 
@@ -242,7 +245,7 @@ def decode_attention_step(attention, gather_rows, kv: PagedKV, q, k, v, table, p
   on a mesh runs it per device on its own KV heads; `gather_rows` collects the whole batch's rows for the write
   (every data replica holds every sequence's pages) and is the identity without a mesh.
 
-  q [B, Hq, D]; k, v [B, H, D]; table [B, M]; positions, writes, tau [B]; layer [] (its index).
+  q [B, Hq, D]; k, v [B, H, D]; table [B, M]; positions, writes [B]; tau [B, H]; layer [] (its index).
   Returns (kv, out [B, Hq, D], blocks read [B, H]).
   """
   k_all, v_all, table_all, pos_all, writes_all = gather_rows((k, v, table, positions, writes))

@@ -133,7 +133,7 @@ def decode_attention(run, mesh: Mesh | None):
   """Wraps a decode step's attention (`llama.decode_attention_step`, its backend bound):
   `run(gather_rows, kv, q, k, v, table, positions, writes, tau, layer) -> (kv, out, used)`, so that,
   on a mesh, each device runs it on its own KV heads and batch rows. Shapes (global): q [B, Hq, D]; k, v [B, H, D];
-  table [B, M]; positions, writes, tau [B]; layer [] (the layer index); out [B, Hq, D]; used [B, H].
+  table [B, M]; positions, writes [B]; tau [B, H]; layer [] (the layer index); out [B, Hq, D]; used [B, H].
 
   `run` receives `gather_rows`: applied to per-row arrays, it returns the rows of the whole batch (an all-gather
   over the data axis), which is what the KV write needs since every data replica holds every sequence's pages.
@@ -149,7 +149,7 @@ def decode_attention(run, mesh: Mesh | None):
 
   return jax.shard_map(
       lambda *args: run(gather_rows, *args), mesh=mesh,
-      in_specs=(KV_SPEC, heads, heads, heads, rows, rows, rows, rows, P()),
+      in_specs=(KV_SPEC, heads, heads, heads, rows, rows, rows, heads, P()),
       out_specs=(KV_SPEC, heads, heads), check_vma=False)
 
 

@@ -289,7 +289,7 @@ def progressive_attention_pallas(
     order: jax.Array | None,  # [B, H, M]; None: natural order
     log_remaining: jax.Array | None,  # [B, H, Gp, M]; when stopping.needs_log_remaining
     info: jax.Array,  # [B, INFO_WIDTH] int32: length, limit, n_forced
-    tau: jax.Array,  # [B] float32
+    tau: jax.Array,  # [B, H] float32: each (sequence, KV head)'s threshold
     *,
     group: int,
     chunk_blocks: int,
@@ -328,7 +328,7 @@ def progressive_attention_pallas(
       None if v_prefix is None else pl.BlockSpec((None, None, m // chunk_blocks, d), lambda i, j: (i, j, 0, 0)),
       None if v_total is None else pl.BlockSpec((None, None, 1, d), lambda i, j: (i, j, 0, 0)),
       pl.BlockSpec((None, INFO_WIDTH), lambda i, j: (i, 0)),
-      pl.BlockSpec((None, 1), lambda i, j: (i, 0)),
+      pl.BlockSpec((None, None, 1), lambda i, j: (i, j, 0)),
   ]
   out, used = pl.pallas_call(
       kernel,
@@ -345,7 +345,7 @@ def progressive_attention_pallas(
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"progressive_attention_{estimator or 'fixed'}",
-  )(q, k_pages, v_pages, block_table, order, log_remaining, v_prefix, v_total, info, tau[:, None])
+  )(q, k_pages, v_pages, block_table, order, log_remaining, v_prefix, v_total, info, tau[..., None])
   return out, used[..., 0]
 
 
@@ -495,7 +495,7 @@ def progressive_attention_xla(
     heads: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The same decisions as plain XLA ops: the CPU path. Same signature and results as
-  `progressive_attention_pallas`; `chunks_per_step` chunks are computed per loop iteration. `heads`: the KV
+  `progressive_attention_pallas` (tau [B, H]); `chunks_per_step` chunks are computed per loop iteration. `heads`: the KV
   heads of the pool (and of vmean) that q's head axis stands for (None: all of them, in order).
 
   One loop per KV head, each vmapped over the batch, so each head stops on its own; one loop vmapped over heads
@@ -527,7 +527,7 @@ def progressive_attention_xla(
   else:
     v_total = jnp.zeros((b, h, 1), jnp.float32)  # unread placeholder, vmapped like the real one
   outs, used = zip(*(
-      jax.vmap(functools.partial(one, head=head))(q[:, i], block_table, order[:, i], log_remaining[:, i], info, tau,
-                                                  v_total[:, i])
+      jax.vmap(functools.partial(one, head=head))(q[:, i], block_table, order[:, i], log_remaining[:, i], info,
+                                                  tau[:, i], v_total[:, i])
       for i, head in enumerate(heads)))
   return jnp.stack(outs, axis=1).astype(q.dtype), jnp.stack(used, axis=1)

@@ -73,7 +73,7 @@ def attend_in_order(logits, token_ok, v, vmean, lengths, plan: VisitPlan, tau, *
 
   logits: [B, H, G, M, S] scaled logits of every token slot; token_ok: [B, M, S]; v: [B or 1, H, M, S, D] values;
   vmean: [B or 1, H, M, D] the value summaries (None unless the rule or `compensate` needs them); lengths [B];
-  tau [B]. Returns (out [B, H, G, D] float32, blocks used [B, H] int32).
+  tau [B, H] (each sequence and KV head's threshold). Returns (out [B, H, G, D] float32, blocks used [B, H] int32).
 
   Exposed so that a study can feed logits it computed against a shared, contiguous context (many queries over
   one document) without gathering pages per query.
@@ -116,7 +116,7 @@ def attend_in_order(logits, token_ok, v, vmean, lengths, plan: VisitPlan, tau, *
     tail_log_rem = {}
     if tail != "last_chunk":
       tail_log_rem = dict(log_rem_begin=log_rem_at(starts), log_rem_end=log_rem_at(ends))
-    unread = stopping.unread_mass(tail, chunk_mass, blocks_in_chunk, blocks_left, tau=tau[:, None, None, None],
+    unread = stopping.unread_mass(tail, chunk_mass, blocks_in_chunk, blocks_left, tau=tau[:, :, None, None],
                                   **tail_log_rem)
 
   o_at = v_tail = None
@@ -139,7 +139,7 @@ def attend_in_order(logits, token_ok, v, vmean, lengths, plan: VisitPlan, tau, *
   if estimator is None:
     used = jnp.broadcast_to(plan.limit[:, None], (b, h))
   else:
-    tau_ = tau[:, None, None, None]
+    tau_ = tau[:, :, None, None]
     kwargs = {}
     if estimator in ("score_mass", "estimate"):
       kwargs = dict(log_rem=log_rem_at(jnp.minimum(ends, m - 1)), log_rem_first=log_rem[..., :1],
@@ -148,7 +148,7 @@ def attend_in_order(logits, token_ok, v, vmean, lengths, plan: VisitPlan, tau, *
       kwargs = dict(change=stopping.relative_change(gathered, unread, o_at, v_tail))
     enough = stopping.enough(estimator, tau_, gathered=gathered, chunk_mass=chunk_mass,
                              blocks_in_chunk=blocks_in_chunk, blocks_left=blocks_left, **kwargs)
-    ok = (tau[:, None, None] < 1.0) & (ends >= plan.n_forced[:, None, None]) & jnp.all(enough, axis=2)
+    ok = (tau[:, :, None] < 1.0) & (ends >= plan.n_forced[:, None, None]) & jnp.all(enough, axis=2)
     streak = ok
     for lag in range(1, patience):  # the rule held at `patience` consecutive chunk boundaries
       streak = streak & jnp.pad(ok, ((0, 0), (0, 0), (lag, 0)))[..., :n_chunks]

@@ -39,6 +39,7 @@ class AttentionDefaults:
 
   kind: "dense", "topk" or "psa". psa_tau: PSA's threshold (PSAConfig.tau's default, `check_tau`'s rule).
   topk_blocks: top-k's budget in blocks. dense_layers: the model's first layers attend densely whatever the kind.
+  psa_dense_heads: (layer, KV head) pairs PSA reads densely (psa_jax/retrieval_heads.py).
   impl: "auto", "pallas", "xla" or "reference" (psa_jax/attention.py).
   """
 
@@ -46,6 +47,7 @@ class AttentionDefaults:
   psa_tau: float = PSAConfig.tau
   topk_blocks: int = 32
   dense_layers: int = 0
+  psa_dense_heads: tuple[tuple[int, int], ...] = ()
   impl: str = "auto"
 
   def __post_init__(self):

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from psa_jax.backend import AttentionBackend
+from psa_jax.backend import AttentionBackend, dense_head_mask
 from psa_jax.config import DenseConfig, PSAConfig, TopKConfig
 from psa_jax.models import parallel
 from psa_jax.models.llama import Decoder
@@ -49,6 +49,8 @@ class ModelRunner:
     self.backends = backends
     self.window = window  # the decode window's capacity in steps (a shape; each window runs up to a limit)
     self.mesh = mesh
+    for backend in backends.values():  # a dense head outside the model fails here, not in the first step
+      dense_head_mask(backend, model.config.num_layers, model.config.num_kv_heads)
     self._graphdef, self._state = nnx.split(model)
     self._layers = model.split_layers() if split_layers else None  # see psa_jax/models/llama.py
     self.grammars = GrammarTable(model.config.vocab_size)
@@ -61,7 +63,8 @@ class ModelRunner:
         "dense": AttentionBackend("dense", DenseConfig(), defaults.impl),
         "topk": AttentionBackend("topk", TopKConfig(k_blocks=defaults.topk_blocks), defaults.impl,
                                  defaults.dense_layers),
-        "psa": AttentionBackend("psa", PSAConfig(tau=defaults.psa_tau), defaults.impl, defaults.dense_layers),
+        "psa": AttentionBackend("psa", PSAConfig(tau=defaults.psa_tau), defaults.impl, defaults.dense_layers,
+                                defaults.psa_dense_heads),
     }
 
   def _sampling(self, requests: list[Request], size: int) -> steps.SamplingArrays:
