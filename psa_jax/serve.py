@@ -119,6 +119,9 @@ def main(argv):
   print(f"psa_jax: KV arena of {engine.arena.num_pages} pages ({config.attention.kind} attention) on "
         f"{parallel.describe(engine.mesh)}; "
         f"serving {name!r} on http://{_HOST.value}:{_PORT.value}", file=sys.stderr, flush=True)
+  dense_heads = config.attention.psa_dense_heads
+  print(f"psa_jax: PSA reads {len(dense_heads)} retrieval heads densely (--psa_dense_heads="
+        f"{','.join(f'{layer}:{head}' for layer, head in dense_heads) or 'none'})", file=sys.stderr, flush=True)
   defaults = GenerationDefaults(temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
                                 min_p=_MIN_P.value)
   given = {f: v for f, v in (("temperature", _TEMPERATURE), ("top_p", _TOP_P), ("top_k", _TOP_K), ("min_p", _MIN_P))

@@ -456,3 +456,21 @@ def test_a_server_whose_kernels_do_not_compile_serves_on_the_xla_path_and_says_s
     assert f"the {kind} attention's Pallas kernel did not compile for sm_90 (" in text
     assert f"{kind} attention runs on the XLA path" in text
   assert "no Triton compiler for CUDA" in text and "GPU kernel check for sm_90: 0/5 kernels compiled" in text
+
+
+@pytest.mark.slow
+def test_a_models_retrieval_heads_are_read_from_beside_it_and_one_outside_it_is_refused_by_name(tmp_path):
+  from psa_jax import retrieval_heads
+  from psa_jax.bench.server_process import ServerDied
+
+  tiny_models.save_tiny_hf(tmp_path, "llama", seed=3)  # 2 layers, 2 KV heads
+  (tmp_path / retrieval_heads.FILE_NAME).write_text('{"dense_heads": [[1, 0]]}')
+  flags = (f"--model={tmp_path}", *QUICK, "--kv_memory=4MiB", "--max_context=256")
+  with running_server(*flags) as server:
+    assert "PSA reads 1 retrieval heads densely (--psa_dense_heads=1:0)" in server.log_tail()
+    body = {"model": str(tmp_path), "prompt": "hello there", "max_tokens": 4, "temperature": 0,
+            "psa": {"attention": "psa"}}
+    assert httpx.post(server.url + "/v1/completions", json=body, timeout=300).status_code == 200
+  with pytest.raises(ServerDied, match=r"dense head \(2, 0\) is outside a model of 2 layers"):
+    with running_server(*flags, "--psa_dense_heads=2:0"):
+      pass
