@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from psa_jax.attention import dense_attention, psa_attention, topk_attention
-from psa_jax.config import DenseConfig, PSAConfig, TopKConfig
+from psa_jax.config import DenseConfig, PSAConfig, TopKConfig, check_tau
 
 KINDS = {"dense": DenseConfig, "topk": TopKConfig, "psa": PSAConfig}
 
@@ -18,9 +19,11 @@ class AttentionBackend:
   """kind: "dense", "topk" or "psa"; config: the matching config; impl: see `psa_attention`;
   dense_layers: the model's layers below this index attend densely whatever the kind (Quest and Twilight keep
   layers 0-1 dense: the first layers' attention is the most diffuse, so sparse methods save least there).
-  dense_heads: (layer, KV head) pairs that PSA reads densely (tau 1 there). A few heads of a model retrieve:
-  their mass sits on one block far from the query, which a block summary can rank below blocks of diffuse
-  attention. `psa_jax.bench --study=heads` finds them on needle-free text (see `retrieval_heads.py`).
+  dense_heads: (layer, KV head) pairs that PSA reads densely (tau 1 there) from a request's tau of
+  `dense_heads_tau` up; below it they run at tau / dense_heads_tau, so that PSA's cheapest settings stay cheap.
+  A few heads of a model retrieve: their mass sits on one block far from the query, which a block summary can
+  rank below blocks of diffuse attention. `psa_jax.bench --study=heads` finds them on needle-free text (see
+  `retrieval_heads.py`).
 
   Hashable, so it can be a static argument of a jitted step.
   """
@@ -30,8 +33,10 @@ class AttentionBackend:
   impl: str = "auto"
   dense_layers: int = 0
   dense_heads: tuple[tuple[int, int], ...] = ()
+  dense_heads_tau: float = PSAConfig.tau
 
   def __post_init__(self):
+    check_tau(self.dense_heads_tau, "dense_heads_tau")
     heads = self.dense_heads
     if (not isinstance(heads, tuple) or
         not all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p)
@@ -48,10 +53,10 @@ class AttentionBackend:
 
   @classmethod
   def named(cls, kind: str, impl: str = "auto", dense_layers: int = 0, dense_heads: tuple = (),
-            **config_fields) -> "AttentionBackend":
+            dense_heads_tau: float = PSAConfig.tau, **config_fields) -> "AttentionBackend":
     if kind not in KINDS:
       raise ValueError(f"attention kind must be one of {tuple(KINDS)}, got {kind!r}")
-    return cls(kind, KINDS[kind](**config_fields), impl, dense_layers, tuple(dense_heads))
+    return cls(kind, KINDS[kind](**config_fields), impl, dense_layers, tuple(dense_heads), dense_heads_tau)
 
   def dense(self) -> "AttentionBackend":
     """Dense attention on the same implementation (for the `dense_layers`)."""
@@ -79,3 +84,12 @@ def dense_head_mask(attention, num_layers: int, num_kv_heads: int) -> np.ndarray
                        f"{num_kv_heads} KV heads")
     mask[layer, head] = True
   return mask
+
+
+def head_thresholds(attention, tau: jax.Array, dense: jax.Array) -> jax.Array:
+  """One layer's PSA thresholds per sequence and KV head, [B, H], from the sequences' tau [B] and the layer's
+  dense heads [H] (a row of `dense_head_mask`): in a dense head, 1 (every block) once tau reaches
+  `attention.dense_heads_tau`, tau / dense_heads_tau below it."""
+  dense_tau = getattr(attention, "dense_heads_tau", PSAConfig.tau)
+  tau = tau[:, None]
+  return jnp.where(dense[None, :], jnp.where(tau >= dense_tau, 1.0, tau / dense_tau), tau)

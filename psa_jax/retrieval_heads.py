@@ -4,8 +4,8 @@ In a few heads of a model the attention of a question sits on one block far back
 (a mean and a half-box of the keys) can rank that one block below blocks of diffuse attention, and PSA's stopping
 rule then stops before reaching it: the answer is lost although the rule's tolerance was met on what it read.
 These heads are few and stable across texts, so they are found once per model on needle-free text
-(`python -m psa_jax.bench --study=heads`, psa_jax/bench/heads.py) and read densely (tau 1 there), at a small cost
-in KV read.
+(`python -m psa_jax.bench --study=heads`, psa_jax/bench/heads.py) and read densely (tau 1 there) from PSA's
+default tau up, at a small cost in KV read (`backend.head_thresholds`).
 
 Where a model's list comes from (`resolve`):
   "auto"      a `psa_dense_heads.json` beside the model (in a Hugging Face directory, or `<file>.psa_dense_heads.json`

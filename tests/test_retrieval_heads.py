@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from psa_jax import retrieval_heads
-from psa_jax.backend import AttentionBackend, dense_head_mask
+from psa_jax.backend import AttentionBackend, dense_head_mask, head_thresholds
 from psa_jax.config import PSAConfig
 from psa_jax.models import checkpoint
 from psa_jax.models.kv_pages import PagedKV
@@ -53,6 +53,16 @@ def test_dense_heads_are_a_psa_setting_inside_the_model():
     dense_head_mask(backend, num_layers=2, num_kv_heads=2)
 
 
+def test_dense_heads_are_dense_from_their_tau_up_and_scaled_below_it():
+  backend = AttentionBackend.named("psa", dense_heads=((0, 1),), dense_heads_tau=0.8)
+  tau = jnp.asarray([0.2, 0.4, 0.8, 0.9, 1.0], jnp.float32)
+  got = np.asarray(head_thresholds(backend, tau, jnp.asarray([False, True])))
+  np.testing.assert_allclose(got[:, 0], tau)  # other heads: the request's tau
+  np.testing.assert_allclose(got[:, 1], [0.25, 0.5, 1.0, 1.0, 1.0], rtol=1e-6)
+  with pytest.raises(ValueError, match="dense_heads_tau"):
+    AttentionBackend.named("psa", dense_heads=((0, 1),), dense_heads_tau=0.0)
+
+
 @pytest.mark.slow
 def test_a_dense_head_reads_every_block_and_every_head_dense_is_dense_attention(tmp_path):
   tiny_models.save_tiny_hf(tmp_path, "llama", seed=5)
@@ -72,9 +82,10 @@ def test_a_dense_head_reads_every_block_and_every_head_dense_is_dense_attention(
   knob = dict(tau=0.3, chunk_blocks=1)
   dense_logits, _ = decode(AttentionBackend.named("dense"))
   every_head = tuple((layer, head) for layer in range(c.num_layers) for head in range(c.num_kv_heads))
-  np.testing.assert_allclose(decode(AttentionBackend.named("psa", dense_heads=every_head, **knob))[0], dense_logits,
-                             rtol=1e-5, atol=1e-5)
-  _, used = decode(AttentionBackend.named("psa", dense_heads=((1, 0),), **knob))
+  dense_from = dict(dense_heads_tau=knob["tau"])  # the request's tau (the config's) reaches it: dense
+  np.testing.assert_allclose(decode(AttentionBackend.named("psa", dense_heads=every_head, **dense_from, **knob))[0],
+                             dense_logits, rtol=1e-5, atol=1e-5)
+  _, used = decode(AttentionBackend.named("psa", dense_heads=((1, 0),), **dense_from, **knob))
   _, sparse = decode(AttentionBackend.named("psa", **knob))
   n_blocks = -(-(n_tokens + 1) // block)
   assert (used[1, :, 0] == n_blocks).all() and (sparse[1, :, 0] < n_blocks).all()

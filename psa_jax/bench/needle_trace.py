@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psa_jax.attention import psa_attention
-from psa_jax.backend import AttentionBackend, dense_head_mask
+from psa_jax.backend import AttentionBackend, dense_head_mask, head_thresholds
 from psa_jax.bench import fidelity
 from psa_jax.config import PSAConfig
 from psa_jax.pallas_kernels import reference, selection
@@ -81,8 +81,8 @@ def _layer(q, k_pages, v_pages, tables, lengths, summaries, tau, needle, *, conf
 def trace(lm, prompt: list[int], answer: list[int], needle_tokens: tuple[int, int], config: PSAConfig, tau: float,
           block_size: int = 16, dense_heads: tuple[tuple[int, int], ...] = ()) -> dict:
   """The trace of one item: arrays [steps, layers, kv_heads] (see the module docstring) for the decode steps of
-  `answer` (dense's answer ids, its first token from the prefill) after `prompt`, PSA reading the (layer, KV
-  head) pairs of `dense_heads` densely."""
+  `answer` (dense's answer ids, its first token from the prefill) after `prompt`, PSA treating the (layer, KV
+  head) pairs of `dense_heads` as the engine does (`backend.head_thresholds`)."""
   c = lm.model.config
   ids = list(prompt) + list(answer)
   positions = [len(prompt) + i for i in range(len(answer) - 1)]  # the queries that chose answer[1:]
@@ -94,12 +94,13 @@ def trace(lm, prompt: list[int], answer: list[int], needle_tokens: tuple[int, in
   needle = np.zeros(blocks, bool)
   needle[needle_tokens[0] // block_size:(needle_tokens[1] - 1) // block_size + 1] = True
   steps = len(positions)
-  dense = dense_head_mask(AttentionBackend("psa", config, dense_heads=dense_heads), c.num_layers, c.num_kv_heads)
+  backend = AttentionBackend("psa", config, dense_heads=dense_heads)
+  dense = dense_head_mask(backend, c.num_layers, c.num_kv_heads)
   out = {key: [] for key in ("dense_share", "rank", "exact_rank", "used")}
   for layer in range(c.num_layers):
     rows = slice(layer * steps, (layer + 1) * steps)
     result = _layer(queries[rows], k_pages, v_pages, tables[rows], lengths[rows], summaries,
-                    jnp.asarray(np.where(dense[layer][None], 1.0, np.full((steps, 1), tau)), jnp.float32),
+                    head_thresholds(backend, jnp.full((steps,), tau, jnp.float32), jnp.asarray(dense[layer])),
                     jnp.asarray(needle), config=config,
                     group=c.num_heads // c.num_kv_heads)
     for key, value in zip(out, jax.device_get(result)):

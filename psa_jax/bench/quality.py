@@ -140,7 +140,7 @@ class SharedContextAttention:
   context is gathered once per layer as [H, M, S, D] and every logit comes from one matmul; the method's blocks
   are then selected with the oracle's semantics. `layer_width`: pages per layer (tables of layer l start at
   l * layer_width), which tells the layer, and so whether it is one of the `dense_layers`. `dense_heads` (PSA
-  only) become tau 1 in the per-head thresholds the model's decode step passes in.
+  only) get their thresholds from the model's decode step as an AttentionBackend's do (`backend.head_thresholds`).
 
   The budget knob arrives traced in the per-row threshold argument (tau for PSA, k for top-k), so one compiled
   decode step serves every point of a curve.
@@ -150,9 +150,10 @@ class SharedContextAttention:
   layer_width: int
   dense_layers: int = 0
   dense_heads: tuple[tuple[int, int], ...] = ()
+  dense_heads_tau: float = PSAConfig.tau  # as AttentionBackend's
 
   def __call__(self, q, k_pages, v_pages, table, lengths, summaries, tau):
-    """tau [B, H]: the knob, 1 in the `dense_heads` of this layer."""
+    """tau [B, H]: the knob per row and KV head (`backend.head_thresholds`)."""
     b, hq, d = q.shape
     h, _, s, _ = k_pages.shape
     g = hq // h

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from psa_jax.backend import dense_head_mask
+from psa_jax.backend import dense_head_mask, head_thresholds
 from psa_jax.models import parallel
 from psa_jax.models.config import ModelConfig
 from psa_jax.models.kv_pages import PagedKV, gather_context, write_tokens
@@ -190,7 +190,7 @@ class Decoder(nnx.Module):
       kv: PagedKV,
       block_tables: jax.Array,  # [L, B, M]
       attention,  # AttentionBackend
-      tau: jax.Array | None = None,  # [B] per-sequence PSA threshold (1 in the backend's `dense_heads`)
+      tau: jax.Array | None = None,  # [B] per-sequence PSA threshold (see `backend.head_thresholds`)
       active: jax.Array | None = None,  # [B] bool; inactive rows write nothing (batch padding, finished)
       mesh: Mesh | None = None,  # run sharded over it (psa_jax/models/parallel.py); B must divide by its data axis
       layers: tuple[dict, ...] | None = None,  # `split_layers()`: read each layer's weights from its own arrays
@@ -230,8 +230,7 @@ class Decoder(nnx.Module):
       x, kv = carry
       i, w, table, dense = xs
       q, k, v = with_weights(project, i, w, x)
-      head_tau = jnp.where(dense[None, :], 1.0, tau[:, None])  # [B, H]
-      kv, out, used = attend(kv, q, k, v, table, positions, writes, head_tau, i)
+      kv, out, used = attend(kv, q, k, v, table, positions, writes, head_thresholds(attention, tau, dense), i)
       return (with_weights(finish, i, w, x, out), kv), used
 
     (x, kv), used = jax.lax.scan(layer, (x, kv), (jnp.arange(c.num_layers), weights, block_tables, dense_heads))
