@@ -94,7 +94,8 @@ def main(argv):
     config = e2e.E2EConfig(
         model=shared.MODEL.value, contexts=contexts or e2e.E2EConfig.contexts,
         batches=tuple(int(x) for x in _BATCHES.value), attentions=tuple(_ATTENTIONS.value),
-        decode_steps=_DECODE_STEPS.value, psa_tau=shared.PSA_TAU.value, topk_blocks=shared.TOPK_BLOCKS.value,
+        decode_steps=_DECODE_STEPS.value, psa_tau=shared.PSA_TAU.value, psa_dense_heads=shared.dense_heads(),
+        topk_blocks=shared.TOPK_BLOCKS.value,
         dtype=shared.weights_dtype(), weights=shared.WEIGHTS.value, kv_dtype=shared.KV_DTYPE.value)
     e2e.run(config, out)
   elif _STUDY.value == "peers":
@@ -137,7 +138,7 @@ def main(argv):
         model=shared.MODEL.value, meshes=tuple(_MESHES.value), context=int(contexts[0]) if contexts else 1024,
         batch=int(_BATCHES.value[-1]),
         attentions=tuple(_ATTENTIONS.value) if _ATTENTIONS.present else sharding.ShardingConfig.attentions,
-        decode_steps=_DECODE_STEPS.value, psa_tau=shared.PSA_TAU.value)
+        decode_steps=_DECODE_STEPS.value, psa_tau=shared.PSA_TAU.value, psa_dense_heads=shared.dense_heads())
     sharding.run(config, out)
   elif _STUDY.value == "serving":
     config = serving.ServingConfig(

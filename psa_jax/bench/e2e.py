@@ -32,6 +32,7 @@ class E2EConfig:
   decode_steps: int = 64  # timed tokens per sequence (whole windows), after one warm-up window
   decode_window: int = 16
   psa_tau: float = PSAConfig.tau
+  psa_dense_heads: tuple[tuple[int, int], ...] = ()  # AttentionDefaults.psa_dense_heads
   topk_blocks: int = 32
   dtype: str = "float32"
   weights: str = "float"  # or "int8" (psa_jax/models/quantize.py)
@@ -94,7 +95,8 @@ def run(config: E2EConfig, out_dir) -> list[dict]:
   blocks = -(-longest // 16) + 1
   num_pages = c.num_layers * blocks * (max(config.batches) + 1)
   engine = Engine(model, lm.tokenizer, EngineConfig(
-      attention=AttentionDefaults(kind="dense", psa_tau=config.psa_tau, topk_blocks=config.topk_blocks),
+      attention=AttentionDefaults(kind="dense", psa_tau=config.psa_tau, topk_blocks=config.topk_blocks,
+                                  psa_dense_heads=config.psa_dense_heads),
       cache=CacheConfig(kv_dtype=config.kv_dtype, max_context=c.max_context),
       scheduler=SchedulerConfig(max_batch=max(config.batches), decode_window=config.decode_window,
                                 prefill_chunk=config.prefill_chunk),

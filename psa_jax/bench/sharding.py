@@ -32,6 +32,7 @@ class ShardingConfig:
   decode_steps: int = 32
   decode_window: int = 16
   psa_tau: float = PSAConfig.tau
+  psa_dense_heads: tuple[tuple[int, int], ...] = ()  # AttentionDefaults.psa_dense_heads
 
 
 def run(config: ShardingConfig, out_dir) -> list[dict]:
@@ -48,7 +49,7 @@ def run(config: ShardingConfig, out_dir) -> list[dict]:
       continue
     blocks = -(-(len(prompt) + extra) // 16) + 1
     engine = Engine(nnx.clone(lm.model), lm.tokenizer, EngineConfig(
-        attention=AttentionDefaults(kind="dense", psa_tau=config.psa_tau),
+        attention=AttentionDefaults(kind="dense", psa_tau=config.psa_tau, psa_dense_heads=config.psa_dense_heads),
         cache=CacheConfig(max_context=c.max_context),
         scheduler=SchedulerConfig(max_batch=config.batch, decode_window=config.decode_window),
         parallel=ParallelConfig(mesh=mesh)), num_pages=c.num_layers * blocks * (config.batch + 1))
