@@ -1,5 +1,7 @@
 """The decoder on real checkpoints, against Hugging Face transformers (torch on CPU)."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -234,3 +236,79 @@ def test_prefill_attention_equals_a_plain_causal_softmax(t, c, start, query_chun
   want = jnp.einsum("bhgtc,bhcd->bthgd", jax.nn.softmax(logits, axis=-1), v).reshape(b, t, hq, d)
   got = _causal_context_attention(q, k, v, positions, query_chunk)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+# --------------------------------------------------------------------------- parity with transformers
+# Each checkpoint variant a user may bring, built tiny and random with transformers: every position's logits over
+# 160 tokens within 1e-4 of transformers' (float32), decode steps through dense and PSA at tau 1, and 16 greedy
+# tokens identical. From safetensors, and from a GGUF written as llama.cpp's converter writes it.
+PARITY = {
+    "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "yarn_rope": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    "yarn_rope_mscale": dict(rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 128,
+                                           "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2}),
+    "llama_biases": dict(attention_bias=True, mlp_bias=True),
+}
+
+
+def assert_parity(loaded, hf, n_tokens=160):
+  ids = [int(x) for x in np.random.default_rng(1).integers(100, 49000, size=n_tokens)]
+  model = loaded.model
+  c = model.config
+  width = -(-n_tokens // 16)
+  kv = PagedKV.zeros(c.num_kv_heads, c.num_layers * width, 16, c.head_dim, model.dtype)
+  tables = jnp.arange(c.num_layers * width, dtype=jnp.int32).reshape(c.num_layers, 1, width)
+  x, _ = model.prefill(jnp.asarray([ids]), jnp.zeros(1, jnp.int32), jnp.array([n_tokens]), kv, tables)
+  theirs = hf_logits(hf, ids)
+  np.testing.assert_allclose(np.asarray(model.logits(x[0])), theirs, atol=1e-4, rtol=0)
+  for attention in (AttentionBackend.named("dense"), AttentionBackend.named("psa", tau=1.0)):
+    np.testing.assert_allclose(our_logits(model, ids, attention, decode_last=3), theirs[-1], atol=1e-4, rtol=0)
+  ours = generate(model, ids[:20], max_new_tokens=16, stop_ids=())
+  with torch.no_grad():
+    greedy = hf.generate(torch.tensor([ids[:20]]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                         pad_token_id=0)[0, 20:].tolist()
+  assert ours == greedy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(PARITY))
+def test_rope_scalings_and_biases_match_transformers_from_safetensors(tmp_path, variant):
+  hf = tiny_models.save_tiny_hf(tmp_path, "llama", seed=2, **PARITY[variant])
+  assert_parity(checkpoint.load(tmp_path, dtype=jnp.float32, use_cache=False), hf)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["linear_rope", "yarn_rope", "llama_biases"])
+def test_rope_scalings_and_biases_match_transformers_from_gguf(tmp_path, variant):
+  hf = tiny_models.save_tiny_hf(tmp_path / "hf", "llama", seed=2, **PARITY[variant])
+  tiny_models.write_tiny_gguf(tmp_path / "m.gguf", hf)
+  assert_parity(checkpoint.load(tmp_path / "m.gguf", dtype=jnp.float32, use_cache=False), hf)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "longrope", "factor": 2.0},
+                                  {"rope_type": "unheard_of", "factor": 2.0}])
+def test_a_rope_scaling_psa_jax_does_not_implement_is_refused_by_name(tmp_path, rope):
+  tiny_models.save_tiny_hf(tmp_path, "llama")
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["rope_scaling"] = rope
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(checkpoint.CheckpointError, match=rf"RoPE scaling '{rope['rope_type']}' is not implemented"):
+    checkpoint.load(tmp_path, dtype=jnp.float32, use_cache=False)
+
+
+def test_a_bias_the_config_does_not_declare_is_refused_not_dropped(tmp_path):
+  tiny_models.save_tiny_hf(tmp_path, "llama", attention_bias=True)
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["attention_bias"] = False
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(checkpoint.CheckpointError, match="o_proj.bias, a bias its config does not declare"):
+    checkpoint.load(tmp_path, dtype=jnp.float32, use_cache=False)
+
+
+@pytest.mark.slow
+def test_a_sliding_window_model_is_served_up_to_its_window_where_it_equals_transformers(tmp_path, capfd):
+  hf = tiny_models.save_tiny_hf(tmp_path, "mistral", seed=2, sliding_window=192)
+  loaded = checkpoint.load(tmp_path, dtype=jnp.float32, use_cache=False)
+  assert loaded.model.config.max_context == 192
+  assert "sliding window of 192 tokens" in capfd.readouterr().err
+  assert_parity(loaded, hf, n_tokens=160)

@@ -37,8 +37,10 @@ TOOLS_TEMPLATE = (
 
 
 def save_tiny_hf(path: pathlib.Path, arch: str, *, seed: int = 0, rope_scaling: dict | None = None,
-                 chat_template: str = CHAT_TEMPLATE):
-  """A randomly initialized 2-layer model of `arch` ("llama" or "qwen2") saved as safetensors."""
+                 chat_template: str = CHAT_TEMPLATE, **config_fields):
+  """A randomly initialized 2-layer model of `arch` ("llama", "mistral" or "qwen2") saved as safetensors.
+  config_fields go to the transformers config (attention_bias, mlp_bias, sliding_window, ...); every bias the
+  config asks for is drawn at random, since transformers initializes biases to zero."""
   import torch
   import transformers
 
@@ -46,9 +48,16 @@ def save_tiny_hf(path: pathlib.Path, arch: str, *, seed: int = 0, rope_scaling: 
   common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-  if arch == "llama":
-    config = transformers.LlamaConfig(rope_theta=10000.0, rope_scaling=rope_scaling, **common)
-    model = transformers.LlamaForCausalLM(config)
+  common.update(config_fields)
+  if arch in ("llama", "mistral"):
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+    config = config_class(rope_theta=10000.0, rope_scaling=rope_scaling, **common)
+    model = model_class(config)
+    with torch.no_grad():
+      for name, param in model.named_parameters():
+        if name.endswith(".bias"):
+          param.normal_(0, 0.5)
   else:
     config = transformers.Qwen2Config(rope_theta=1000000.0, **common)
     model = transformers.Qwen2ForCausalLM(config)
@@ -85,6 +94,12 @@ def write_tiny_gguf(path: pathlib.Path, torch_model, *, qtype: str = "F32", arch
   writer.add_head_count_kv(config.num_key_value_heads)
   writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
   writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+  rope = getattr(config, "rope_scaling", None) or {}
+  if rope.get("rope_type") in ("linear", "yarn"):  # as llama.cpp's converter writes them
+    writer.add_rope_scaling_type(gguf.RopeScalingType[rope["rope_type"].upper()])
+    writer.add_rope_scaling_factor(float(rope["factor"]))
+    if rope["rope_type"] == "yarn":
+      writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
   writer.add_vocab_size(config.vocab_size)
   writer.add_tokenizer_model("gpt2")
   vocab = tok.backend.get_vocab(with_added_tokens=True)
@@ -103,6 +118,9 @@ def write_tiny_gguf(path: pathlib.Path, torch_model, *, qtype: str = "F32", arch
       "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
       "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
       "mlp.down_proj.weight": "ffn_down.weight",
+      "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+      "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.bias": "attn_output.bias",
+      "mlp.gate_proj.bias": "ffn_gate.bias", "mlp.up_proj.bias": "ffn_up.bias", "mlp.down_proj.bias": "ffn_down.bias",
   }
   stored = {}
   for hf_name, tensor in torch_model.state_dict().items():
@@ -116,9 +134,9 @@ def write_tiny_gguf(path: pathlib.Path, torch_model, *, qtype: str = "F32", arch
     else:
       _, _, layer, rest = hf_name.split(".", 3)
       name = f"blk.{layer}.{names[rest]}"
-      if rest == "self_attn.q_proj.weight":
+      if rest in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
         w = _permute_rope(w, config.num_attention_heads)
-      elif rest == "self_attn.k_proj.weight":
+      elif rest in ("self_attn.k_proj.weight", "self_attn.k_proj.bias"):
         w = _permute_rope(w, config.num_key_value_heads)
     kind = gguf.GGMLQuantizationType[qtype] if w.ndim == 2 else gguf.GGMLQuantizationType.F32
     if kind == gguf.GGMLQuantizationType.F32:

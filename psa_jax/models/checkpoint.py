@@ -25,7 +25,7 @@ from tqdm import tqdm
 from psa_jax.models import tokenizer as tokenizer_lib
 from psa_jax.models.config import ModelConfig, RopeScaling
 from psa_jax.models.llama import Decoder
-from psa_jax.models.rope import inverse_frequencies
+from psa_jax.models.rope import inverse_frequencies, yarn_mscale
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
@@ -106,7 +106,8 @@ _GGUF_NAMES = {
     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
     "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias", "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.bias": "mlp.gate_proj.bias", "ffn_up.bias": "mlp.up_proj.bias", "ffn_down.bias": "mlp.down_proj.bias",
     "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
 }
@@ -142,9 +143,12 @@ def read_gguf(path: pathlib.Path):
         rms_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(g("rope.freq_base", 10000.0)),
         rope_freq_factors=freq_factors,
-        max_context=int(g("context_length", 4096)),
+        max_context=_window_cap(path, g("attention.sliding_window"), int(g("context_length", 4096))),
         tie_embeddings="output.weight" not in tensors_meta,
         qkv_bias="blk.0.attn_q.bias" in tensors_meta,
+        o_bias="blk.0.attn_output.bias" in tensors_meta,
+        mlp_bias="blk.0.ffn_up.bias" in tensors_meta,
+        rope_scaling=_gguf_rope_scaling(path, g),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(int(x) for x in [meta.get("tokenizer.ggml.eos_token_id")] if x is not None),
     )
@@ -168,13 +172,100 @@ def read_gguf(path: pathlib.Path):
         _, layer, rest = name.split(".", 2)
         if rest not in _GGUF_NAMES:
           continue
-        if arch == "llama" and rest == "attn_q.weight":
+        # llama.cpp permutes Llama's q and k rows, biases included, for its own RoPE layout.
+        if arch == "llama" and rest in ("attn_q.weight", "attn_q.bias"):
           w = _unpermute_rope(w, config.num_heads)
-        elif arch == "llama" and rest == "attn_k.weight":
+        elif arch == "llama" and rest in ("attn_k.weight", "attn_k.bias"):
           w = _unpermute_rope(w, config.num_kv_heads)
         yield f"model.layers.{layer}.{_GGUF_NAMES[rest]}", w
 
   return config, tokenizer_lib.from_gguf_metadata(meta), tensors
+
+
+# --------------------------------------------------------------------------------------------- RoPE
+
+
+def _rope(path, rope_type: str, factor, original: int, **fields) -> RopeScaling:
+  """A RopeScaling, or a CheckpointError naming what cannot be run."""
+  try:
+    return RopeScaling(rope_type, float(factor), original_max_position=int(original or 0), **fields)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{path}: {e}") from None
+
+
+def _hf_rope_scaling(path, rope: dict, hf: dict) -> RopeScaling | None:
+  """transformers' `rope_scaling` (or `rope_parameters`) as a RopeScaling: None for the plain rotary
+  embedding; a CheckpointError for a type psa_jax does not implement, which would otherwise be served wrong."""
+  rope_type = rope.get("rope_type", rope.get("type")) or "default"
+  if rope_type == "default":
+    return None
+  original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+  if rope_type == "linear":
+    return _rope(path, "linear", rope.get("factor"), 0)
+  if rope_type == "llama3":
+    return _rope(path, "llama3", rope.get("factor"), original, low_freq_factor=float(rope["low_freq_factor"]),
+                 high_freq_factor=float(rope["high_freq_factor"]))
+  if rope_type == "yarn":
+    # As transformers does: the original context defaults to max_position_embeddings, the factor to their ratio.
+    original = original or hf.get("max_position_embeddings")
+    factor = rope.get("factor") or hf["max_position_embeddings"] / original
+    attention = rope.get("attention_factor")
+    if attention is None:
+      mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+      attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                   else yarn_mscale(factor))
+    return _rope(path, "yarn", factor, original, beta_fast=float(rope.get("beta_fast") or 32),
+                 beta_slow=float(rope.get("beta_slow") or 1), attention_factor=float(attention),
+                 truncate=bool(rope.get("truncate", True)))
+  raise CheckpointError(f"{path}: RoPE scaling {rope_type!r} is not implemented (implemented: linear, llama3, "
+                        "yarn); refusing to serve the model with the wrong positions")
+
+
+def _gguf_rope_scaling(path, g) -> RopeScaling | None:
+  """llama.cpp's `rope.scaling.*` keys as a RopeScaling; YaRN as llama.cpp computes it from them (the ramp of
+  beta_fast..beta_slow rotations, the temperature 0.1 ln(factor) + 1 times attn_factor)."""
+  rope_type = g("rope.scaling.type") or "none"
+  factor = g("rope.scaling.factor") or g("rope.scale_linear")
+  if rope_type == "none" and factor not in (None, 1.0) and g("rope.scale_linear") is not None:
+    rope_type = "linear"  # the older key
+  if rope_type == "none" or factor in (None, 1.0):
+    return None
+  if rope_type == "linear":
+    return _rope(path, "linear", factor, 0)
+  if rope_type == "yarn":
+    original = g("rope.scaling.original_context_length")
+    if not original:
+      raise CheckpointError(f"{path}: YaRN RoPE scaling without rope.scaling.original_context_length")
+    # llama.cpp multiplies YaRN's own temperature by rope.scaling.attn_factor (default 1).
+    attention = float(g("rope.scaling.attn_factor") or 1.0) * yarn_mscale(float(factor))
+    return _rope(path, "yarn", factor, original, attention_factor=attention,
+                 beta_fast=float(g("rope.scaling.yarn_beta_fast") or 32),
+                 beta_slow=float(g("rope.scaling.yarn_beta_slow") or 1))
+  raise CheckpointError(f"{path}: RoPE scaling {rope_type!r} is not implemented (implemented: linear, yarn, and "
+                        "Llama 3's rope_freqs); refusing to serve the model with the wrong positions")
+
+
+def _sliding_window_cap(path, hf: dict, max_context: int) -> int:
+  """The longest context served right. psa_jax has no sliding-window attention yet, so a model whose layers
+  slide (Mistral's `sliding_window`, Qwen2's `use_sliding_window`) is served up to its window only, where a
+  window changes nothing."""
+  window = hf.get("sliding_window")
+  if hf.get("layer_types") is not None:
+    slides = "sliding_attention" in hf["layer_types"]
+  elif hf.get("model_type") == "qwen2":
+    slides = hf.get("use_sliding_window", False) and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]
+  else:
+    slides = window is not None
+  return _window_cap(path, window if slides else None, max_context)
+
+
+def _window_cap(path, window: int | None, max_context: int) -> int:
+  if window is None or window >= max_context:
+    return max_context
+  print(f"psa_jax: {path} uses a sliding window of {window} tokens, which psa_jax does not implement; its "
+        f"context is limited to {window} tokens (of {max_context}), where the window changes nothing",
+        file=sys.stderr)
+  return int(window)
 
 
 # ---------------------------------------------------------------------------------------- Hugging Face
@@ -196,19 +287,19 @@ def read_hf_directory(path: pathlib.Path):
     raise CheckpointError(f"{path}: tokenizer.json is missing")
   rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
   theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-  scaling = None
-  if rope.get("rope_type", rope.get("type")) == "llama3":
-    scaling = RopeScaling(rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
-                          rope["original_max_position_embeddings"])
+  scaling = _hf_rope_scaling(path, rope, hf)
   heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+  max_context = _sliding_window_cap(path, hf, hf.get("max_position_embeddings", 4096))
   eos = hf.get("eos_token_id")
   config = ModelConfig(
       arch=arch, vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["num_hidden_layers"],
       num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", heads),
       head_dim=hf.get("head_dim") or hidden // heads, intermediate_size=hf["intermediate_size"],
       rms_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-      max_context=hf.get("max_position_embeddings", 4096), tie_embeddings=hf.get("tie_word_embeddings", False),
-      qkv_bias=arch == "qwen2" or hf.get("attention_bias", False), bos_token_id=hf.get("bos_token_id"),
+      max_context=max_context, tie_embeddings=hf.get("tie_word_embeddings", False),
+      qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+      o_bias=arch == "llama" and bool(hf.get("attention_bias", False)),
+      mlp_bias=arch == "llama" and bool(hf.get("mlp_bias", False)), bos_token_id=hf.get("bos_token_id"),
       eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)))
 
   def tensors():
@@ -232,7 +323,9 @@ def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
       "self_attn.q_proj.weight": ("wq", True), "self_attn.k_proj.weight": ("wk", True),
       "self_attn.v_proj.weight": ("wv", True), "self_attn.o_proj.weight": ("wo", True),
       "self_attn.q_proj.bias": ("bq", False), "self_attn.k_proj.bias": ("bk", False),
-      "self_attn.v_proj.bias": ("bv", False),
+      "self_attn.v_proj.bias": ("bv", False), "self_attn.o_proj.bias": ("bo", False),
+      "mlp.gate_proj.bias": ("b_gate", False), "mlp.up_proj.bias": ("b_up", False),
+      "mlp.down_proj.bias": ("b_down", False),
       "mlp.gate_proj.weight": ("w_gate", True), "mlp.up_proj.weight": ("w_up", True),
       "mlp.down_proj.weight": ("w_down", True),
   }
@@ -244,12 +337,16 @@ def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
       if rest not in per_layer:
         continue
       target, transpose = per_layer[rest]
+      if getattr(model, target) is None:  # a bias the config says the model has not: it would be dropped
+        raise CheckpointError(f"checkpoint has {name}, a bias its config does not declare; refusing to ignore it")
       stacks.setdefault(target, [None] * L)[int(layer)] = w.T if transpose else w
     else:
       top[name] = w
   missing = [f"{t} (layers {[i for i, x in enumerate(s) if x is None]})" for t, s in stacks.items()
              if any(x is None for x in s)]
   required = {"attn_norm", "mlp_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+  required |= {"bo"} if config.o_bias else set()
+  required |= {"b_gate", "b_up", "b_down"} if config.mlp_bias else set()
   missing += sorted(required - set(stacks))
   missing += [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in top]
   if not config.tie_embeddings and "lm_head.weight" not in top:
@@ -283,7 +380,7 @@ def _cache_dir(path: pathlib.Path, dtype) -> pathlib.Path:
   root = pathlib.Path(os.environ.get("PSA_JAX_CACHE", pathlib.Path.home() / ".cache" / "psa_jax"))
   files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + [path / "config.json"]
   key = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-  key += f"|{jnp.dtype(dtype).name}|v1"  # v1: bump when the parameter layout changes
+  key += f"|{jnp.dtype(dtype).name}|v2"  # bump when the parameter layout changes
   return root / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 

@@ -27,9 +27,10 @@ from psa_jax.backend import dense_head_mask, head_thresholds
 from psa_jax.models import parallel
 from psa_jax.models.config import ModelConfig
 from psa_jax.models.kv_pages import PagedKV, gather_context, write_tokens
-from psa_jax.models.rope import apply_rope, inverse_frequencies
+from psa_jax.models.rope import apply_rope, attention_scale, inverse_frequencies
 
-LAYER_WEIGHTS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+LAYER_WEIGHTS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo", "mlp_norm", "w_gate", "w_up", "w_down",
+                 "b_gate", "b_up", "b_down")
 MATMUL_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 QUANTIZABLE = MATMUL_WEIGHTS + ("embed", "lm_head")  # int8 with per-channel scales, see psa_jax/models/quantize.py
 
@@ -84,9 +85,15 @@ class Decoder(nnx.Module):
     # Zero biases when the checkpoint has none (Llama): one code path for Llama and Qwen2.
     self.bq, self.bk, self.bv = zeros(l, qd), zeros(l, kd), zeros(l, kd)
     self.w_gate, self.w_up, self.w_down = normal(l, e, f), normal(l, e, f), normal(l, f, e)
+    # The output and MLP biases of Llama's attention_bias / mlp_bias exist only where the checkpoint has them.
+    none = lambda: nnx.data(None)
+    self.bo = zeros(l, e) if c.o_bias else none()
+    self.b_gate, self.b_up, self.b_down = (zeros(l, f), zeros(l, f), zeros(l, e)) if c.mlp_bias else (
+        none(), none(), none())
     self.final_norm = ones(e)
     self.lm_head = None if c.tie_embeddings else normal(e, c.vocab_size)
     self.inv_freq = nnx.Variable(jnp.asarray(inverse_frequencies(c)))
+    self.rope_scale = attention_scale(c)
     # Per-output-channel scales of int8 weights (psa_jax/models/quantize.py); None while the weights are floats.
     for name in QUANTIZABLE:
       setattr(self, f"{name}_scale", nnx.data(None))
@@ -101,7 +108,8 @@ class Decoder(nnx.Module):
     return None if scale is None else scale[...]
 
   def _layers(self):
-    weights = {name: getattr(self, name)[...] for name in LAYER_WEIGHTS}
+    value = lambda p: None if p is None else p[...]
+    weights = {name: value(getattr(self, name)) for name in LAYER_WEIGHTS}
     weights.update({f"{name}_scale": self._scale(name) for name in MATMUL_WEIGHTS})
     return weights
 
@@ -111,12 +119,12 @@ class Decoder(nnx.Module):
     return _split_layers(self._layers(), self.config.num_layers)
 
   @staticmethod
-  def _mm(h, w, name):
-    """h @ w[name]; int8 weights multiply int8 activations (see `int8_matmul`)."""
+  def _mm(h, w, name, bias=None):
+    """h @ w[name] (+ w[bias] where the checkpoint has it); int8 weights multiply int8 activations (see
+    `int8_matmul`)."""
     scale = w[f"{name}_scale"]
-    if scale is None:
-      return h @ w[name]
-    return int8_matmul(h, w[name], scale, contract=0)
+    out = h @ w[name] if scale is None else int8_matmul(h, w[name], scale, contract=0)
+    return out if bias is None or w[bias] is None else out + w[bias].astype(out.dtype)
 
   def _qkv(self, w, h, positions):
     c = self.config
@@ -125,11 +133,12 @@ class Decoder(nnx.Module):
     k = (self._mm(h, w, "wk") + w["bk"]).reshape(*lead, c.num_kv_heads, c.head_dim)
     v = (self._mm(h, w, "wv") + w["bv"]).reshape(*lead, c.num_kv_heads, c.head_dim)
     inv = self.inv_freq[...]
-    return apply_rope(q, positions, inv), apply_rope(k, positions, inv), v
+    return apply_rope(q, positions, inv, self.rope_scale), apply_rope(k, positions, inv, self.rope_scale), v
 
   def _mlp(self, w, x):
     h = rms_norm(x, w["mlp_norm"], self.config.rms_eps)
-    return x + self._mm(jax.nn.silu(self._mm(h, w, "w_gate")) * self._mm(h, w, "w_up"), w, "w_down")
+    gate, up = self._mm(h, w, "w_gate", "b_gate"), self._mm(h, w, "w_up", "b_up")
+    return x + self._mm(jax.nn.silu(gate) * up, w, "w_down", "b_down")
 
   def _embed(self, tokens):
     x = self.embed[...][tokens].astype(self.dtype)
@@ -176,7 +185,7 @@ class Decoder(nnx.Module):
       h = rms_norm(x, w["attn_norm"], c.rms_eps)
       q, k, v = self._qkv(w, h, positions)
       kv, attn = attend(kv, q, k, v, table, start, num)
-      x = x + self._mm(attn.reshape(b, t, -1).astype(x.dtype), w, "wo")
+      x = x + self._mm(attn.reshape(b, t, -1).astype(x.dtype), w, "wo", "bo")
       return (self._mlp(w, x), kv), (q, k, v) if collect_qkv else None
 
     attend = parallel.prefill_attention(functools.partial(prefill_attention_step, query_chunk), mesh)
@@ -214,7 +223,7 @@ class Decoder(nnx.Module):
       return self._qkv(w, rms_norm(x, w["attn_norm"], c.rms_eps), positions)
 
     def finish(w, x, out):
-      return self._mlp(w, x + self._mm(out.reshape(b, -1).astype(x.dtype), w, "wo"))
+      return self._mlp(w, x + self._mm(out.reshape(b, -1).astype(x.dtype), w, "wo", "bo"))
 
     if layers is None:
       with_weights = lambda fn, i, w, *args: fn(w, *args)  # w: this layer's slice of the stacked weights

@@ -34,7 +34,7 @@ DATA, MODEL = "data", "model"
 
 # Column-split weights [L, in, out] (and their [L, out] biases, [L, 1, out] int8 scales); row-split [L, in, out].
 _COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")
-_BIAS = ("bq", "bk", "bv")
+_BIAS = ("bq", "bk", "bv", "b_gate", "b_up")
 _ROW = ("wo", "w_down")
 
 
