@@ -28,7 +28,7 @@ from psa_jax.models.llama import Decoder
 from psa_jax.models.rope import inverse_frequencies, yarn_mscale
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
               "Q6_K", "Q8_K")
 
@@ -107,6 +107,7 @@ _GGUF_NAMES = {
     "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
     "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias", "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.bias": "mlp.gate_proj.bias", "ffn_up.bias": "mlp.up_proj.bias", "ffn_down.bias": "mlp.down_proj.bias",
     "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
@@ -148,6 +149,7 @@ def read_gguf(path: pathlib.Path):
         qkv_bias="blk.0.attn_q.bias" in tensors_meta,
         o_bias="blk.0.attn_output.bias" in tensors_meta,
         mlp_bias="blk.0.ffn_up.bias" in tensors_meta,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors_meta,
         rope_scaling=_gguf_rope_scaling(path, g),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(int(x) for x in [meta.get("tokenizer.ggml.eos_token_id")] if x is not None),
@@ -252,7 +254,7 @@ def _sliding_window_cap(path, hf: dict, max_context: int) -> int:
   window = hf.get("sliding_window")
   if hf.get("layer_types") is not None:
     slides = "sliding_attention" in hf["layer_types"]
-  elif hf.get("model_type") == "qwen2":
+  elif hf.get("model_type") in ("qwen2", "qwen3"):
     slides = hf.get("use_sliding_window", False) and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]
   else:
     slides = window is not None
@@ -298,8 +300,9 @@ def read_hf_directory(path: pathlib.Path):
       rms_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
       max_context=max_context, tie_embeddings=hf.get("tie_word_embeddings", False),
       qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-      o_bias=arch == "llama" and bool(hf.get("attention_bias", False)),
-      mlp_bias=arch == "llama" and bool(hf.get("mlp_bias", False)), bos_token_id=hf.get("bos_token_id"),
+      o_bias=arch in ("llama", "qwen3") and bool(hf.get("attention_bias", False)),
+      mlp_bias=arch == "llama" and bool(hf.get("mlp_bias", False)), qk_norm=arch == "qwen3",
+      bos_token_id=hf.get("bos_token_id"),
       eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)))
 
   def tensors():
@@ -326,6 +329,7 @@ def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
       "self_attn.v_proj.bias": ("bv", False), "self_attn.o_proj.bias": ("bo", False),
       "mlp.gate_proj.bias": ("b_gate", False), "mlp.up_proj.bias": ("b_up", False),
       "mlp.down_proj.bias": ("b_down", False),
+      "self_attn.q_norm.weight": ("q_norm", False), "self_attn.k_norm.weight": ("k_norm", False),
       "mlp.gate_proj.weight": ("w_gate", True), "mlp.up_proj.weight": ("w_up", True),
       "mlp.down_proj.weight": ("w_down", True),
   }
@@ -337,8 +341,9 @@ def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
       if rest not in per_layer:
         continue
       target, transpose = per_layer[rest]
-      if getattr(model, target) is None:  # a bias the config says the model has not: it would be dropped
-        raise CheckpointError(f"checkpoint has {name}, a bias its config does not declare; refusing to ignore it")
+      if getattr(model, target) is None:  # a tensor the config says the model has not: it would be dropped
+        raise CheckpointError(f"checkpoint has {name}, a tensor its config does not declare; refusing to ignore "
+                              "it")
       stacks.setdefault(target, [None] * L)[int(layer)] = w.T if transpose else w
     else:
       top[name] = w
@@ -347,6 +352,7 @@ def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
   required = {"attn_norm", "mlp_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
   required |= {"bo"} if config.o_bias else set()
   required |= {"b_gate", "b_up", "b_down"} if config.mlp_bias else set()
+  required |= {"q_norm", "k_norm"} if config.qk_norm else set()
   missing += sorted(required - set(stacks))
   missing += [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in top]
   if not config.tie_embeddings and "lm_head.weight" not in top:
