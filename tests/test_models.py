@@ -318,3 +318,17 @@ def test_a_sliding_window_model_is_served_up_to_its_window_where_it_equals_trans
   assert loaded.model.config.max_context == 192
   assert "sliding window of 192 tokens" in capfd.readouterr().err
   assert_parity(loaded, hf, n_tokens=160)
+
+
+def test_a_directory_with_consolidated_weights_beside_its_shards_reads_each_weight_once(tmp_path):
+  hf = tiny_models.save_tiny_hf(tmp_path, "llama", seed=2)
+  (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00001.safetensors")
+  names = {k: "model-00001-of-00001.safetensors" for k in hf.state_dict()}
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": names}))
+  (tmp_path / "consolidated.safetensors").write_bytes(b"not read")  # Mistral's own layout, repeating the weights
+  assert checkpoint.weight_files(tmp_path) == [tmp_path / "model-00001-of-00001.safetensors"]
+  (tmp_path / "model.safetensors.index.json").unlink()
+  assert checkpoint.weight_files(tmp_path) == [tmp_path / "model-00001-of-00001.safetensors"]
+  loaded = checkpoint.load(tmp_path, dtype=jnp.float32, use_cache=False)
+  ids = [int(x) for x in np.random.default_rng(0).integers(100, 49000, size=40)]
+  np.testing.assert_allclose(our_logits(loaded.model, ids), hf_logits(hf, ids)[-1], atol=1e-4, rtol=0)
