@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -195,3 +196,23 @@ def tiny_models_text(i):
   import argparse
   import tarfile
   return inspect.getsource((argparse, tarfile)[i])
+
+
+@pytest.mark.slow
+def test_loading_study_measures_each_checkpoint_in_a_child_and_its_synthetic_files_load(tmp_path):
+  from psa_jax.bench import loading
+  from psa_jax.models import checkpoint
+
+  shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=128, vocab_size=49152)
+  rows = loading.run(loading.LoadingConfig(dtypes=("float32",), shape=shape), tmp_path)
+  assert [r["checkpoint"] for r in rows] == ["smollm2-135m-instruct", "synthetic GGUF, Q8_0",
+                                             "synthetic safetensors, bfloat16"]
+  for row in rows:
+    assert 0 < row["base_rss_gib"] <= row["peak_rss_gib"] and row["peak_over_params"] > 1
+  # The synthetic checkpoints are real ones: both load to the same shapes.
+  gguf = checkpoint.load(tmp_path / "checkpoints" / "llama-synthetic-q8_0.gguf", dtype=jnp.float32, use_cache=False)
+  hf = checkpoint.load(tmp_path / "checkpoints" / "llama-synthetic-bf16", dtype=jnp.float32, use_cache=False)
+  assert gguf.model.config.num_layers == hf.model.config.num_layers == 2
+  assert gguf.model.wq[...].shape == hf.model.wq[...].shape == (2, 64, 64)
+  assert (tmp_path / "loading.json").exists()

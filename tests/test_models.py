@@ -242,12 +242,16 @@ def test_prefill_attention_equals_a_plain_causal_softmax(t, c, start, query_chun
 # Each checkpoint variant a user may bring, built tiny and random with transformers: every position's logits over
 # 160 tokens within 1e-4 of transformers' (float32), decode steps through dense and PSA at tau 1, and 16 greedy
 # tokens identical. From safetensors, and from a GGUF written as llama.cpp's converter writes it.
-PARITY = {
-    "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    "yarn_rope": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
-    "yarn_rope_mscale": dict(rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 128,
-                                           "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2}),
-    "llama_biases": dict(attention_bias=True, mlp_bias=True),
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+PARITY = {  # name: (architecture, transformers config fields)
+    "linear_rope": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "yarn_rope": ("llama", dict(rope_scaling=YARN)),
+    "yarn_rope_mscale": ("llama", dict(rope_scaling={
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 128, "mscale": 0.707,
+        "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2})),
+    "llama_biases": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "qwen3": ("qwen3", {}),
+    "qwen3_yarn": ("qwen3", dict(rope_scaling=YARN)),
 }
 
 
@@ -272,16 +276,18 @@ def assert_parity(loaded, hf, n_tokens=160):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(PARITY))
-def test_rope_scalings_and_biases_match_transformers_from_safetensors(tmp_path, variant):
-  hf = tiny_models.save_tiny_hf(tmp_path, "llama", seed=2, **PARITY[variant])
+def test_architectures_rope_scalings_and_biases_match_transformers_from_safetensors(tmp_path, variant):
+  arch, fields = PARITY[variant]
+  hf = tiny_models.save_tiny_hf(tmp_path, arch, seed=2, **fields)
   assert_parity(checkpoint.load(tmp_path, dtype=jnp.float32, use_cache=False), hf)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["linear_rope", "yarn_rope", "llama_biases"])
-def test_rope_scalings_and_biases_match_transformers_from_gguf(tmp_path, variant):
-  hf = tiny_models.save_tiny_hf(tmp_path / "hf", "llama", seed=2, **PARITY[variant])
-  tiny_models.write_tiny_gguf(tmp_path / "m.gguf", hf)
+@pytest.mark.parametrize("variant", ["linear_rope", "yarn_rope", "llama_biases", "qwen3"])
+def test_architectures_rope_scalings_and_biases_match_transformers_from_gguf(tmp_path, variant):
+  arch, fields = PARITY[variant]
+  hf = tiny_models.save_tiny_hf(tmp_path / "hf", arch, seed=2, **fields)
+  tiny_models.write_tiny_gguf(tmp_path / "m.gguf", hf, arch=arch)
   assert_parity(checkpoint.load(tmp_path / "m.gguf", dtype=jnp.float32, use_cache=False), hf)
 
 
@@ -301,7 +307,7 @@ def test_a_bias_the_config_does_not_declare_is_refused_not_dropped(tmp_path):
   config = json.loads((tmp_path / "config.json").read_text())
   config["attention_bias"] = False
   (tmp_path / "config.json").write_text(json.dumps(config))
-  with pytest.raises(checkpoint.CheckpointError, match="o_proj.bias, a bias its config does not declare"):
+  with pytest.raises(checkpoint.CheckpointError, match="o_proj.bias, a tensor its config does not declare"):
     checkpoint.load(tmp_path, dtype=jnp.float32, use_cache=False)
 
 
@@ -312,3 +318,17 @@ def test_a_sliding_window_model_is_served_up_to_its_window_where_it_equals_trans
   assert loaded.model.config.max_context == 192
   assert "sliding window of 192 tokens" in capfd.readouterr().err
   assert_parity(loaded, hf, n_tokens=160)
+
+
+def test_a_directory_with_consolidated_weights_beside_its_shards_reads_each_weight_once(tmp_path):
+  hf = tiny_models.save_tiny_hf(tmp_path, "llama", seed=2)
+  (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00001.safetensors")
+  names = {k: "model-00001-of-00001.safetensors" for k in hf.state_dict()}
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": names}))
+  (tmp_path / "consolidated.safetensors").write_bytes(b"not read")  # Mistral's own layout, repeating the weights
+  assert checkpoint.weight_files(tmp_path) == [tmp_path / "model-00001-of-00001.safetensors"]
+  (tmp_path / "model.safetensors.index.json").unlink()
+  assert checkpoint.weight_files(tmp_path) == [tmp_path / "model-00001-of-00001.safetensors"]
+  loaded = checkpoint.load(tmp_path, dtype=jnp.float32, use_cache=False)
+  ids = [int(x) for x in np.random.default_rng(0).integers(100, 49000, size=40)]
+  np.testing.assert_allclose(our_logits(loaded.model, ids), hf_logits(hf, ids)[-1], atol=1e-4, rtol=0)

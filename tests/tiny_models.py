@@ -58,6 +58,13 @@ def save_tiny_hf(path: pathlib.Path, arch: str, *, seed: int = 0, rope_scaling: 
       for name, param in model.named_parameters():
         if name.endswith(".bias"):
           param.normal_(0, 0.5)
+  elif arch == "qwen3":
+    config = transformers.Qwen3Config(rope_theta=1000000.0, head_dim=32, rope_scaling=rope_scaling, **common)
+    model = transformers.Qwen3ForCausalLM(config)
+    with torch.no_grad():  # the per-head norms start at one; make them matter
+      for layer in model.model.layers:
+        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+          norm.weight.uniform_(0.5, 1.5)
   else:
     config = transformers.Qwen2Config(rope_theta=1000000.0, **common)
     model = transformers.Qwen2ForCausalLM(config)
@@ -92,6 +99,9 @@ def write_tiny_gguf(path: pathlib.Path, torch_model, *, qtype: str = "F32", arch
   writer.add_feed_forward_length(config.intermediate_size)
   writer.add_head_count(config.num_attention_heads)
   writer.add_head_count_kv(config.num_key_value_heads)
+  if getattr(config, "head_dim", None):
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
   writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
   writer.add_layer_norm_rms_eps(config.rms_norm_eps)
   rope = getattr(config, "rope_scaling", None) or {}
@@ -121,6 +131,7 @@ def write_tiny_gguf(path: pathlib.Path, torch_model, *, qtype: str = "F32", arch
       "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
       "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.bias": "attn_output.bias",
       "mlp.gate_proj.bias": "ffn_gate.bias", "mlp.up_proj.bias": "ffn_up.bias", "mlp.down_proj.bias": "ffn_down.bias",
+      "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
   }
   stored = {}
   for hf_name, tensor in torch_model.state_dict().items():
@@ -134,9 +145,10 @@ def write_tiny_gguf(path: pathlib.Path, torch_model, *, qtype: str = "F32", arch
     else:
       _, _, layer, rest = hf_name.split(".", 3)
       name = f"blk.{layer}.{names[rest]}"
-      if rest in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
+      # Only Llama's q and k are permuted by llama.cpp's converter (it keeps Qwen's in the HF layout).
+      if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
         w = _permute_rope(w, config.num_attention_heads)
-      elif rest in ("self_attn.k_proj.weight", "self_attn.k_proj.bias"):
+      elif arch == "llama" and rest in ("self_attn.k_proj.weight", "self_attn.k_proj.bias"):
         w = _permute_rope(w, config.num_key_value_heads)
     kind = gguf.GGMLQuantizationType[qtype] if w.ndim == 2 else gguf.GGMLQuantizationType.F32
     if kind == gguf.GGMLQuantizationType.F32:

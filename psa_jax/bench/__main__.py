@@ -13,6 +13,7 @@
   --study=serving   a real server under load over HTTP, like `vllm bench serve`: TTFT, TPOT, ITL, E2E latency and
                     throughput at fixed concurrencies and Poisson request rates, per attention and scheduler
   --study=startup   seconds to ready and to the first answer, cold (empty compilation cache) and warm (restart)
+  --study=loading   peak host memory while loading a checkpoint, against its parameters' bytes
 Results: a table on stdout, a JSON file and PNG plots in --out_dir.
 """
 
@@ -24,11 +25,12 @@ from absl import app, flags, logging
 
 from psa_jax import common_flags as shared
 from psa_jax.config import PSAConfig
-from psa_jax.bench import e2e, fidelity, heads, kernel, peers, quality, retrieval, serving, sharding, startup, tasks
+from psa_jax.bench import (e2e, fidelity, heads, kernel, loading, peers, quality, retrieval, serving, sharding, startup,
+                           tasks)
 
 _STUDY = flags.DEFINE_enum("study", "e2e",
                            ["e2e", "peers", "kernel", "fidelity", "tasks", "quality", "retrieval", "heads", "sharding",
-                            "serving", "startup"],
+                            "serving", "startup", "loading"],
                            "Which study to run.")
 _OUT = flags.DEFINE_string("out_dir", "bench_results", "Where JSON results and PNG plots go.")
 _CONTEXTS = flags.DEFINE_list("contexts", None, "Context lengths (tokens).")
@@ -147,6 +149,8 @@ def main(argv):
         request_rates=tuple(float(r) for r in _RATES.value), num_prompts=_NUM_PROMPTS.value,
         prompt_tokens=_PROMPT_TOKENS.value, output_tokens=_OUTPUT_TOKENS.value, server_flags=tuple(_SERVER_FLAGS.value))
     serving.run(config, out)
+  elif _STUDY.value == "loading":
+    loading.run(loading.LoadingConfig(model=shared.MODEL.value), out)
   elif _STUDY.value == "startup":
     startup.run(startup.StartupConfig(model=shared.MODEL.value, server_flags=tuple(_SERVER_FLAGS.value)), out)
   elif _STUDY.value == "fidelity":

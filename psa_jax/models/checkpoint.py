@@ -8,9 +8,11 @@ parameters are cached with orbax-checkpoint so a second start skips dequantizati
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
+import mmap
 import os
 import pathlib
 import sys
@@ -28,7 +30,7 @@ from psa_jax.models.llama import Decoder
 from psa_jax.models.rope import inverse_frequencies, yarn_mscale
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
               "Q6_K", "Q8_K")
 
@@ -107,6 +109,7 @@ _GGUF_NAMES = {
     "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
     "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias", "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.bias": "mlp.gate_proj.bias", "ffn_up.bias": "mlp.up_proj.bias", "ffn_down.bias": "mlp.down_proj.bias",
     "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
@@ -148,6 +151,7 @@ def read_gguf(path: pathlib.Path):
         qkv_bias="blk.0.attn_q.bias" in tensors_meta,
         o_bias="blk.0.attn_output.bias" in tensors_meta,
         mlp_bias="blk.0.ffn_up.bias" in tensors_meta,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors_meta,
         rope_scaling=_gguf_rope_scaling(path, g),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(int(x) for x in [meta.get("tokenizer.ggml.eos_token_id")] if x is not None),
@@ -155,12 +159,20 @@ def read_gguf(path: pathlib.Path):
   except (TypeError, KeyError) as e:
     raise CheckpointError(f"{path}: GGUF metadata is incomplete ({e}); cannot build the model config") from e
 
-  def tensors():
+  def tensors(dtype=np.float32):
+    """(HF name, array of `dtype`) per tensor, dequantized a slab of rows at a time."""
+    mapped = getattr(reader.data, "_mmap", None)  # the np.memmap's own mapping
     for t in _progress(reader.tensors, len(reader.tensors), f"dequantizing {path.name}"):
       if t.tensor_type.name not in GGUF_TYPES:
         raise CheckpointError(f"{path}: tensor {t.name} has unsupported type {t.tensor_type.name}")
-      w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+      rows = t.data.reshape(-1, t.data.shape[-1])
+      w = np.empty((rows.shape[0], int(t.shape[0])), dtype)
+      step = max(1, _SLAB_ELEMENTS // w.shape[1])
+      for i in range(0, rows.shape[0], step):
+        w[i:i + step] = gguf.quants.dequantize(rows[i:i + step], t.tensor_type)
       w = w.reshape([int(x) for x in reversed(t.shape)])  # GGUF lists dims fastest-first
+      if mapped is not None:
+        _release(mapped, int(t.data_offset), int(t.data_offset) + int(t.n_bytes))
       name = t.name
       if name == "token_embd.weight":
         yield "model.embed_tokens.weight", w
@@ -252,7 +264,7 @@ def _sliding_window_cap(path, hf: dict, max_context: int) -> int:
   window = hf.get("sliding_window")
   if hf.get("layer_types") is not None:
     slides = "sliding_attention" in hf["layer_types"]
-  elif hf.get("model_type") == "qwen2":
+  elif hf.get("model_type") in ("qwen2", "qwen3"):
     slides = hf.get("use_sliding_window", False) and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]
   else:
     slides = window is not None
@@ -271,11 +283,54 @@ def _window_cap(path, window: int | None, max_context: int) -> int:
 # ---------------------------------------------------------------------------------------- Hugging Face
 
 
-def read_hf_directory(path: pathlib.Path):
-  from safetensors import safe_open
+def _safetensors_dtypes() -> dict[str, np.dtype]:
+  import ml_dtypes
 
-  config_file = path / "config.json"
+  return {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+          "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+
+_SAFETENSORS_DTYPES = _safetensors_dtypes()
+_SLAB_ELEMENTS = 1 << 22  # converted at a time: the float32 intermediates of a tensor stay at a few MiB
+
+
+def _safetensors_header(path: pathlib.Path) -> tuple[int, dict]:
+  """(offset of the data, {tensor name: {"dtype", "shape", "data_offsets"}}) of a safetensors file: an 8-byte
+  little-endian header length, then the JSON header. Read directly, so that the loader maps the file itself and
+  can release each tensor's pages once it is read."""
+  try:
+    with open(path, "rb") as f:
+      n = int.from_bytes(f.read(8), "little")
+      header = json.loads(f.read(n))
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+  header.pop("__metadata__", None)
+  unknown = sorted({m["dtype"] for m in header.values()} - set(_SAFETENSORS_DTYPES))
+  if unknown:
+    raise CheckpointError(f"{path}: tensor dtypes {unknown} are not supported (supported: {list(_SAFETENSORS_DTYPES)})")
+  return 8 + n, header
+
+
+def weight_files(path: pathlib.Path) -> list[pathlib.Path]:
+  """The safetensors files of a Hugging Face directory, each weight once: those the index names, else every
+  file but Mistral's `consolidated*.safetensors`, which repeats the shards' weights in its own layout."""
+  index = path / "model.safetensors.index.json"
+  if index.is_file():
+    try:
+      names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+      raise CheckpointError(f"{index} is unreadable: {e}") from None
+    absent = [name for name in names if not (path / name).is_file()]
+    if absent:
+      raise CheckpointError(f"{path}: the weight files {absent} that {index.name} names are missing")
+    return [path / name for name in names]
   files = sorted(path.glob("*.safetensors"))
+  return [f for f in files if not f.name.startswith("consolidated")] or files
+
+
+def read_hf_directory(path: pathlib.Path):
+  config_file = path / "config.json"
+  files = weight_files(path)
   if not config_file.exists() or not files:
     raise CheckpointError(f"{path} is not a Hugging Face model directory: it needs config.json and *.safetensors "
                           f"(found config.json: {config_file.exists()}, safetensors files: {len(files)})")
@@ -298,20 +353,50 @@ def read_hf_directory(path: pathlib.Path):
       rms_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
       max_context=max_context, tie_embeddings=hf.get("tie_word_embeddings", False),
       qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-      o_bias=arch == "llama" and bool(hf.get("attention_bias", False)),
-      mlp_bias=arch == "llama" and bool(hf.get("mlp_bias", False)), bos_token_id=hf.get("bos_token_id"),
+      o_bias=arch in ("llama", "qwen3") and bool(hf.get("attention_bias", False)),
+      mlp_bias=arch == "llama" and bool(hf.get("mlp_bias", False)), qk_norm=arch == "qwen3",
+      bos_token_id=hf.get("bos_token_id"),
       eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)))
 
-  def tensors():
-    handles = [safe_open(str(f), framework="flax") for f in files]
-    names = [(h, n) for h in handles for n in h.keys()]
-    for h, name in _progress(names, len(names), f"reading {path.name}"):
-      yield name, np.asarray(h.get_tensor(name).astype(jnp.float32))
+  def tensors(dtype=np.float32):
+    """(HF name, array of `dtype`) per tensor, converted a slab of rows at a time."""
+    entries = [(f, name, meta) for f in files for name, meta in _safetensors_header(f)[1].items()]
+    mapped = {}
+    for f, name, meta in _progress(entries, len(entries), f"reading {path.name}"):
+      if f not in mapped:
+        with open(f, "rb") as handle:
+          mapped[f] = (mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), _safetensors_header(f)[0])
+      data, base = mapped[f]
+      start, end = (base + int(x) for x in meta["data_offsets"])
+      stored = _SAFETENSORS_DTYPES[meta["dtype"]]
+      src = np.frombuffer(data, stored, (end - start) // stored.itemsize, start).reshape(meta["shape"])
+      w = np.empty(src.shape, dtype)
+      step = max(1, _SLAB_ELEMENTS // max(1, src[:1].size))
+      for i in range(0, max(1, src.shape[0]) if src.ndim else 1, step):
+        w[i:i + step] = src[i:i + step]
+      _release(data, start, end)
+      yield name, w
 
   return config, tokenizer_lib.from_hf_directory(path, hf), tensors
 
 
 # ------------------------------------------------------------------------------------------- building
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer, value: jax.Array) -> jax.Array:
+  return stacked.at[layer].set(value.astype(stacked.dtype))
+
+
+def _release(mapped: mmap.mmap, start: int, end: int) -> None:
+  """Drops a read tensor's pages of a memory-mapped file from this process's resident set (the page cache keeps
+  them): without it every byte of the file read stays resident until the load ends."""
+  page = mmap.PAGESIZE
+  first, last = start // page * page, -(-end // page) * page
+  try:
+    mapped.madvise(mmap.MADV_DONTNEED, first, min(last, len(mapped)) - first)
+  except (AttributeError, OSError, ValueError):  # no madvise here: the pages stay until the file is closed
+    pass
 
 
 def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype) -> Decoder:
@@ -326,10 +411,17 @@ def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
       "self_attn.v_proj.bias": ("bv", False), "self_attn.o_proj.bias": ("bo", False),
       "mlp.gate_proj.bias": ("b_gate", False), "mlp.up_proj.bias": ("b_up", False),
       "mlp.down_proj.bias": ("b_down", False),
+      "self_attn.q_norm.weight": ("q_norm", False), "self_attn.k_norm.weight": ("k_norm", False),
       "mlp.gate_proj.weight": ("w_gate", True), "mlp.up_proj.weight": ("w_up", True),
       "mlp.down_proj.weight": ("w_down", True),
   }
-  stacks: dict[str, list] = {}
+  # Memory: each tensor arrives alone (float32, dequantized) and is written at once into its layer's slot of the
+  # stacked parameter on the device (a donated update, in place), so loading holds the final parameters plus one
+  # tensor; the readers release each tensor's pages of the mapped file once it is read.
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  device = jax.local_devices()[0]
+  buffers: dict[str, jax.Array] = {}
+  filled: dict[str, np.ndarray] = {}
   top: dict[str, np.ndarray] = {}
   for name, w in tensors:
     if name.startswith("model.layers."):
@@ -337,17 +429,27 @@ def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
       if rest not in per_layer:
         continue
       target, transpose = per_layer[rest]
-      if getattr(model, target) is None:  # a bias the config says the model has not: it would be dropped
-        raise CheckpointError(f"checkpoint has {name}, a bias its config does not declare; refusing to ignore it")
-      stacks.setdefault(target, [None] * L)[int(layer)] = w.T if transpose else w
+      if getattr(model, target) is None:  # a tensor the config says the model has not: it would be dropped
+        raise CheckpointError(f"checkpoint has {name}, a tensor its config does not declare; refusing to ignore "
+                              "it")
+      shape = getattr(model, target).get_value().shape  # [L, ...]
+      value = w.T if transpose else w
+      if value.shape != shape[1:]:
+        raise CheckpointError(f"tensor {name} of shape {w.shape} does not fit parameter {target} of shape "
+                              f"{shape[1:]} per layer")
+      if target not in buffers:
+        buffers[target], filled[target] = jnp.zeros(shape, dtype, device=device), np.zeros(L, bool)
+      buffers[target] = _set_layer(buffers[target], int(layer), np.asarray(value, np_dtype))
+      filled[target][int(layer)] = True
     else:
-      top[name] = w
-  missing = [f"{t} (layers {[i for i, x in enumerate(s) if x is None]})" for t, s in stacks.items()
-             if any(x is None for x in s)]
+      top[name] = np.asarray(w, np_dtype)
+    del w
+  missing = [f"{t} (layers {np.flatnonzero(~f).tolist()})" for t, f in filled.items() if not f.all()]
   required = {"attn_norm", "mlp_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
   required |= {"bo"} if config.o_bias else set()
   required |= {"b_gate", "b_up", "b_down"} if config.mlp_bias else set()
-  missing += sorted(required - set(stacks))
+  required |= {"q_norm", "k_norm"} if config.qk_norm else set()
+  missing += sorted(required - set(buffers))
   missing += [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in top]
   if not config.tie_embeddings and "lm_head.weight" not in top:
     missing.append("lm_head.weight")
@@ -355,21 +457,21 @@ def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
     raise CheckpointError(f"checkpoint is missing tensors: {', '.join(missing)}")
 
   def put(variable, value):
-    value = np.asarray(value)
     if value.shape != variable.get_value().shape:
       raise CheckpointError(f"tensor shape {value.shape} does not fit parameter of shape {variable.get_value().shape}")
-    variable.set_value(jnp.asarray(value, dtype))
+    # Committed to its device at once: `load` commits every parameter, and a second placement would copy.
+    variable.set_value(value if isinstance(value, jax.Array) else jax.device_put(np.asarray(value, np_dtype), device))
 
-  for target, layers in stacks.items():
-    put(getattr(model, target), np.stack(layers))
-  for target in ("bq", "bk", "bv"):
-    if target not in stacks:
-      put(getattr(model, target), np.zeros(getattr(model, target).get_value().shape, np.float32))
-  put(model.embed, top["model.embed_tokens.weight"])
-  put(model.final_norm, top["model.norm.weight"])
+  loaded = set(buffers)
+  for target in loaded:
+    put(getattr(model, target), buffers.pop(target))
+  for target in {"bq", "bk", "bv"} - loaded:  # zero q/k/v biases where the checkpoint has none (Llama)
+    put(getattr(model, target), np.zeros(getattr(model, target).get_value().shape, np_dtype))
+  put(model.embed, top.pop("model.embed_tokens.weight"))
+  put(model.final_norm, top.pop("model.norm.weight"))
   if not config.tie_embeddings:
-    put(model.lm_head, top["lm_head.weight"].T)
-  model.inv_freq.set_value(jnp.asarray(inverse_frequencies(config)))
+    put(model.lm_head, top.pop("lm_head.weight").T)
+  model.inv_freq.set_value(jax.device_put(inverse_frequencies(config), device))
   return model
 
 
@@ -378,7 +480,7 @@ def build_decoder(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
 
 def _cache_dir(path: pathlib.Path, dtype) -> pathlib.Path:
   root = pathlib.Path(os.environ.get("PSA_JAX_CACHE", pathlib.Path.home() / ".cache" / "psa_jax"))
-  files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + [path / "config.json"]
+  files = [path] if path.is_file() else weight_files(path) + [path / "config.json"]
   key = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
   key += f"|{jnp.dtype(dtype).name}|v2"  # bump when the parameter layout changes
   return root / hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -435,7 +537,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=jnp.bfloat16, use_cach
       print(f"psa_jax: ignoring unreadable parameter cache {cache}: {e}", file=sys.stderr)
   if tensors is None:  # metadata cached but the parameters are not (or are unreadable): read the file after all
     config, tok, tensors = read_hf_directory(path) if path.is_dir() else read_gguf(path)
-  decoder = build_decoder(config, tensors(), dtype)
+  decoder = build_decoder(config, tensors(np.dtype(jnp.dtype(dtype))), dtype)
   if cache is not None:
     try:
       checkpointer = ocp.StandardCheckpointer()

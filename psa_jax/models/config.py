@@ -1,4 +1,4 @@
-"""Model configuration for the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+"""Model configuration for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  arch: str  # "llama", "qwen2", "mistral"
+  arch: str  # "llama", "mistral", "qwen2", "qwen3"
   vocab_size: int
   hidden_size: int
   num_layers: int
@@ -55,6 +55,7 @@ class ModelConfig:
   qkv_bias: bool = False
   o_bias: bool = False  # Llama's attention_bias also biases o_proj
   mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down projections
+  qk_norm: bool = False  # Qwen3: an RMSNorm over each head's query and key before RoPE
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
 

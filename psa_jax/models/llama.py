@@ -29,8 +29,8 @@ from psa_jax.models.config import ModelConfig
 from psa_jax.models.kv_pages import PagedKV, gather_context, write_tokens
 from psa_jax.models.rope import apply_rope, attention_scale, inverse_frequencies
 
-LAYER_WEIGHTS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo", "mlp_norm", "w_gate", "w_up", "w_down",
-                 "b_gate", "b_up", "b_down")
+LAYER_WEIGHTS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "q_norm", "k_norm", "wo", "bo", "mlp_norm", "w_gate",
+                 "w_up", "w_down", "b_gate", "b_up", "b_down")
 MATMUL_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 QUANTIZABLE = MATMUL_WEIGHTS + ("embed", "lm_head")  # int8 with per-channel scales, see psa_jax/models/quantize.py
 
@@ -90,6 +90,7 @@ class Decoder(nnx.Module):
     self.bo = zeros(l, e) if c.o_bias else none()
     self.b_gate, self.b_up, self.b_down = (zeros(l, f), zeros(l, f), zeros(l, e)) if c.mlp_bias else (
         none(), none(), none())
+    self.q_norm, self.k_norm = (ones(l, c.head_dim), ones(l, c.head_dim)) if c.qk_norm else (none(), none())
     self.final_norm = ones(e)
     self.lm_head = None if c.tie_embeddings else normal(e, c.vocab_size)
     self.inv_freq = nnx.Variable(jnp.asarray(inverse_frequencies(c)))
@@ -132,6 +133,8 @@ class Decoder(nnx.Module):
     q = (self._mm(h, w, "wq") + w["bq"]).reshape(*lead, c.num_heads, c.head_dim)
     k = (self._mm(h, w, "wk") + w["bk"]).reshape(*lead, c.num_kv_heads, c.head_dim)
     v = (self._mm(h, w, "wv") + w["bv"]).reshape(*lead, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:
+      q, k = rms_norm(q, w["q_norm"], c.rms_eps), rms_norm(k, w["k_norm"], c.rms_eps)
     inv = self.inv_freq[...]
     return apply_rope(q, positions, inv, self.rope_scale), apply_rope(k, positions, inv, self.rope_scale), v
 
