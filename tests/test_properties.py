@@ -66,7 +66,7 @@ def covered_share(x, config, tau):
                                local_blocks=config.local_blocks, budget=config.max_blocks,
                                budget_counts_forced=True)
   _, used = reference.ordered_attention_reference(  # the blocks psa_attention reads (tested in test_attention)
-      qg, x.k_pages, x.v_pages, x.block_table, x.lengths, plan, jnp.full((b,), tau),
+      qg, x.k_pages, x.v_pages, x.block_table, x.lengths, plan, jnp.full((b, h), tau),  # per sequence and KV head
       chunk_blocks=config.chunk_blocks, sm_scale=d ** -0.5, estimator=config.estimator, summaries=x.summaries,
       patience=config.patience, compensate=config.compensate, tail=config.tail)
   logits, token_ok, _ = reference._all_logits(qg, x.k_pages, x.block_table, x.lengths, d ** -0.5)
