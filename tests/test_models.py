@@ -202,6 +202,25 @@ def test_gguf_of_unsupported_architecture_fails_clearly(tmp_path):
     checkpoint.load(tmp_path / "gpt2.gguf", use_cache=False)
 
 
+def test_a_mixture_of_experts_is_refused_by_name_from_gguf_and_safetensors(tmp_path):
+  import gguf
+  writer = gguf.GGUFWriter(str(tmp_path / "mixtral.gguf"), "llama")  # as llama.cpp writes Mixtral
+  writer.add_block_count(1)
+  writer.add_expert_count(8)
+  writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(checkpoint.CheckpointError, match=r"mixture-of-experts model \(8 experts\)"):
+    checkpoint.load(tmp_path / "mixtral.gguf", use_cache=False)
+  tiny_models.save_tiny_hf(tmp_path / "hf", "llama")
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "mixtral", "num_local_experts": 4}))
+  with pytest.raises(checkpoint.CheckpointError, match=r"mixture-of-experts model \(4 experts\)"):
+    checkpoint.load(tmp_path / "hf", use_cache=False)
+
+
 def test_directory_without_weights_fails_clearly(tmp_path):
   (tmp_path / "config.json").write_text('{"model_type": "llama"}')
   with pytest.raises(checkpoint.CheckpointError, match="safetensors"):

@@ -128,6 +128,8 @@ def read_gguf(path: pathlib.Path):
   if arch not in SUPPORTED_ARCHS:
     raise CheckpointError(f"{path}: architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHS})")
   g = lambda key, default=None: meta.get(f"{arch}.{key}", default)
+  if g("expert_count"):  # Mixtral's GGUFs say "llama" and carry their experts beside it
+    raise CheckpointError(f"{path}: a mixture-of-experts model ({g('expert_count')} experts) is not supported")
   tensors_meta = {t.name: t for t in reader.tensors}
   try:
     heads, hidden = int(g("attention.head_count")), int(g("embedding_length"))
@@ -336,6 +338,9 @@ def read_hf_directory(path: pathlib.Path):
                           f"(found config.json: {config_file.exists()}, safetensors files: {len(files)})")
   hf = json.loads(config_file.read_text())
   arch = hf.get("model_type")
+  experts = hf.get("num_local_experts") or hf.get("num_experts") or hf.get("n_routed_experts")
+  if experts:
+    raise CheckpointError(f"{path}: a mixture-of-experts model ({experts} experts) is not supported")
   if arch not in SUPPORTED_ARCHS:
     raise CheckpointError(f"{path}: model_type {arch!r} is not supported (supported: {SUPPORTED_ARCHS})")
   if not (path / "tokenizer.json").exists():
